@@ -1,0 +1,228 @@
+"""CIFAR-10 / CIFAR-100 as uint8 tensors, and the two training pipelines that feed them.
+
+- `load_cifar(name, data_dir)` reads the standard extracted folder (`cifar-10-batches-py`,
+  `cifar-100-python`) when it is there, without checking the official archive's checksums, so
+  copies such as ../shared/data work; otherwise torchvision downloads and verifies it.
+- `EpochBatches` decides, for one epoch, which images each step sees: one permutation per epoch
+  (shared by all ranks), cut into global batches (the last, partial one kept, as a DataLoader
+  with drop_last=False does), each split evenly across the ranks of a distributed run.
+- `torchvision` pipeline (the reference): PIL images through RandomCrop(32, 4), horizontal flip
+  and torchvision's AutoAugment (CIFAR-10 policy, grey fill), in DataLoader worker processes.
+- `device` pipeline (the default): the whole training set stays on the training device and every
+  epoch is augmented there in large batches with per-image randomness (augment.py).
+Both hand the trainer uint8 image batches; `normalize` turns them into model inputs on the device.
+"""
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MEAN = (0.4914, 0.4822, 0.4465)
+STD = (0.2470, 0.2435, 0.2616)
+DATASETS = ("cifar10", "cifar100")
+PIPELINES = ("device", "torchvision")
+AUTOAUGMENT_FILL = 128
+
+_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+_URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+         "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}
+
+
+class DataError(Exception):
+    """Missing or malformed data; the message says what is wrong and how to fix it."""
+
+
+@dataclass
+class Cifar:
+    train_images: torch.Tensor  # uint8 [N, 3, 32, 32]
+    train_labels: torch.Tensor  # int64 [N]
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: list
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def load_cifar(name: str, data_dir: str, download: bool = True) -> Cifar:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+    folder = os.path.join(data_dir, _FOLDERS[name])
+    if not os.path.isdir(folder):
+        if not download:
+            raise DataError(f"{folder} does not exist: put the extracted {_FOLDERS[name]} folder there")
+        _download(name, data_dir)
+    return _read_folder(name, folder)
+
+
+def _download(name: str, data_dir: str) -> None:
+    import torchvision
+    dataset_class = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        for train in (True, False):
+            dataset_class(data_dir, train=train, download=True)
+    except Exception as error:  # urllib/socket/SSL errors differ by platform; all mean "no data"
+        raise DataError(f"could not download {name} into {data_dir} ({type(error).__name__}: {error}); "
+                        f"when offline, download {_URLS[name]} elsewhere and extract it so that "
+                        f"{os.path.join(data_dir, _FOLDERS[name])} exists, or pass --data-dir DIR "
+                        f"where DIR holds {_FOLDERS[name]}/") from None
+
+
+def _read_folder(name: str, folder: str) -> Cifar:
+    if name == "cifar10":
+        train_files = [f"data_batch_{i}" for i in range(1, 6)]
+        test_files, meta_file, label_key, names_key = ["test_batch"], "batches.meta", b"labels", b"label_names"
+    else:
+        train_files, test_files = ["train"], ["test"]
+        meta_file, label_key, names_key = "meta", b"fine_labels", b"fine_label_names"
+    classes = [c.decode() for c in _unpickle(folder, meta_file)[names_key]]
+    train_images, train_labels = _read_batches(folder, train_files, label_key, len(classes))
+    test_images, test_labels = _read_batches(folder, test_files, label_key, len(classes))
+    return Cifar(train_images, train_labels, test_images, test_labels, classes)
+
+
+def _unpickle(folder: str, file: str) -> dict:
+    path = os.path.join(folder, file)
+    if not os.path.isfile(path):
+        raise DataError(f"{path} is missing: the data folder is incomplete, extract the full archive again "
+                        f"or delete {folder} so it is downloaded")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except Exception as error:
+        raise DataError(f"{path} is not a readable CIFAR batch ({type(error).__name__}): "
+                        f"replace it with the file from the official archive") from None
+
+
+def _read_batches(folder: str, files: list, label_key: bytes, num_classes: int):
+    images, labels = [], []
+    for file in files:
+        batch = _unpickle(folder, file)
+        path = os.path.join(folder, file)
+        if b"data" not in batch or label_key not in batch:
+            raise DataError(f"{path} has no {b'data'!r} or {label_key!r} entry: not a CIFAR batch file")
+        data = np.asarray(batch[b"data"])
+        batch_labels = np.asarray(batch[label_key], dtype=np.int64)
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch_labels):
+            raise DataError(f"{path} holds data of shape {data.shape} and dtype {data.dtype} with "
+                            f"{len(batch_labels)} labels; expected uint8 [N, 3072] with N labels")
+        if len(batch_labels) and (batch_labels.min() < 0 or batch_labels.max() >= num_classes):
+            raise DataError(f"{path} has labels outside 0..{num_classes - 1} "
+                            f"(found {batch_labels.min()}..{batch_labels.max()})")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(batch_labels)
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def normalize(images: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """uint8 [N, 3, H, W] -> (x/255 - mean) / std, the same as ToTensor() + Normalize(MEAN, STD)."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    return ((images.float() / 255 - mean) / std).to(dtype)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = -1) -> int:
+    """A seed for one epoch (rank -1: shared by all ranks). Everything random about an epoch's data
+    derives from it, so a resumed run sees exactly the data an uninterrupted one would have."""
+    return (seed * 1_000_003 + epoch * 1_009 + rank + 1) % (2 ** 63)
+
+
+class EpochBatches:
+    """The per-step index lists of one epoch for one rank."""
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1):
+        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        order = torch.randperm(num_samples, generator=generator)
+        self.batches = [torch.tensor_split(order[i:i + batch_size], world)[rank]
+                        for i in range(0, num_samples, batch_size)]
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(b.tolist() for b in self.batches)
+
+    def indices(self) -> torch.Tensor:
+        return torch.cat(self.batches)
+
+
+class DeviceTrainLoader:
+    """The training set as uint8 tensors on `device`; each epoch augmented there in one pass."""
+
+    def __init__(self, images, labels, batch_size, seed, device, augment=True, rank=0, world=1, chunk=10_000):
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
+        self.augment, self.rank, self.world, self.chunk = augment, rank, world, chunk
+
+    def steps(self) -> int:
+        return -(-len(self.images) // self.batch_size)
+
+    def epoch(self, epoch: int):
+        """Yields (uint8 images, labels) batches of this rank for `epoch`."""
+        from augment import train_augment
+        plan = EpochBatches(len(self.images), self.batch_size, self.seed, epoch, self.rank, self.world)
+        order = plan.indices().to(self.device)
+        images, labels = self.images[order], self.labels[order]
+        if self.augment:
+            generator = torch.Generator(self.device).manual_seed(epoch_seed(self.seed, epoch, self.rank))
+            images = torch.cat([train_augment(part, generator=generator, fill=AUTOAUGMENT_FILL)
+                                for part in images.split(self.chunk)])
+        start = 0
+        for batch in plan.batches:
+            yield images[start:start + len(batch)], labels[start:start + len(batch)]
+            start += len(batch)
+
+
+def torchvision_train_transform():
+    """The reference's per-image pipeline, on PIL images; ends in a uint8 tensor (see `normalize`)."""
+    from torchvision import transforms
+    return transforms.Compose([
+        transforms.RandomCrop(32, padding=4),
+        transforms.RandomHorizontalFlip(),
+        transforms.AutoAugment(transforms.AutoAugmentPolicy.CIFAR10, fill=[AUTOAUGMENT_FILL] * 3),
+        transforms.PILToTensor(),
+    ])
+
+
+class _PILDataset(torch.utils.data.Dataset):
+    def __init__(self, images, labels, transform):
+        self.images = images.permute(0, 2, 3, 1).contiguous().numpy()  # HWC for PIL
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
+
+
+class TorchvisionTrainLoader:
+    """The reference pipeline: a DataLoader with worker processes running `torchvision_train_transform`."""
+
+    def __init__(self, images, labels, batch_size, seed, workers, pin_memory, rank=0, world=1):
+        self.dataset = _PILDataset(images, labels, torchvision_train_transform())
+        self.num_samples, self.batch_size, self.seed = len(images), batch_size, seed
+        self.workers, self.pin_memory, self.rank, self.world = workers, pin_memory, rank, world
+
+    def steps(self) -> int:
+        return -(-self.num_samples // self.batch_size)
+
+    def epoch(self, epoch: int):
+        plan = EpochBatches(self.num_samples, self.batch_size, self.seed, epoch, self.rank, self.world)
+        # The generator seeds the workers' (and, with no workers, the main process's) augmentation draws.
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, self.rank))
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=plan, num_workers=self.workers,
+                                             pin_memory=self.pin_memory, generator=generator)
+        if self.workers == 0:
+            torch.manual_seed(epoch_seed(self.seed, epoch, self.rank))
+        yield from loader
+
+
+def default_workers() -> int:
+    return max(0, min(8, (os.cpu_count() or 1) - 1))

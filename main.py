@@ -1,0 +1,144 @@
+"""Train a Vision Transformer from scratch on CIFAR-10 (or CIFAR-100). Defaults are the reference recipe.
+
+    nohup python -u main.py > run.log 2>&1 &                      # 200 epochs; read run.log, results.png
+    python main.py --epochs 20 --dataset cifar100 --out-dir runs/c100
+    python main.py --resume auto                                  # continue from ./checkpoints/last.pt
+    python main.py --eval-only --checkpoint checkpoints/best.pt
+    torchrun --nproc_per_node=4 main.py                           # the same recipe on 4 GPUs
+
+Every hyperparameter is a flag; `python main.py --help` lists them with their defaults.
+"""
+import argparse
+import math
+import os
+import sys
+
+import data
+
+
+def _number(kind, *, minimum=None, above=None, below=None, name=""):
+    """An argparse type: a finite int/float within bounds, else a one-line error at parse time."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if minimum is not None and value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} must be at least {minimum}")
+        if above is not None and not value > above:
+            raise argparse.ArgumentTypeError(f"{text} must be greater than {above}")
+        if below is not None and not value < below:
+            raise argparse.ArgumentTypeError(f"{text} must be less than {below}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_int = _number(int, above=0)
+count = _number(int, minimum=0)
+positive_float = _number(float, above=0)
+non_negative_float = _number(float, minimum=0)
+fraction = _number(float, minimum=0, below=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train a from-scratch ViT on CIFAR (defaults: the reference recipe).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = p.add_argument_group("training")
+    train.add_argument("--epochs", type=positive_int, default=200)
+    train.add_argument("--batch-size", type=positive_int, default=128,
+                       help="global batch: under torchrun it is split evenly across the processes")
+    train.add_argument("--eval-batch-size", type=positive_int, default=1000)
+    train.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate, after warm-up")
+    train.add_argument("--min-lr", type=non_negative_float, default=1e-5, help="learning rate at the last step")
+    train.add_argument("--warmup-epochs", type=non_negative_float, default=5,
+                       help="linear warm-up, then cosine decay; the schedule steps every iteration")
+    train.add_argument("--optimizer", choices=("adam", "adamw"), default="adam",
+                       help="adam: L2 weight decay (the reference); adamw: decoupled weight decay")
+    train.add_argument("--weight-decay", type=non_negative_float, default=5e-5)
+    train.add_argument("--beta1", type=fraction, default=0.9)
+    train.add_argument("--beta2", type=fraction, default=0.999)
+    train.add_argument("--label-smoothing", type=fraction, default=0.1)
+    train.add_argument("--seed", type=count, default=0)
+
+    model = p.add_argument_group("model")
+    model.add_argument("--layers", type=positive_int, default=7)
+    model.add_argument("--hidden", type=positive_int, default=384)
+    model.add_argument("--mlp-hidden", type=positive_int, default=384)
+    model.add_argument("--heads", type=positive_int, default=12, help="must divide --hidden")
+    model.add_argument("--patch-size", type=positive_int, default=4, help="must divide the 32-pixel image size")
+    model.add_argument("--dropout", type=fraction, default=0.0)
+    model.add_argument("--attention", choices=("sdpa", "math"), default="sdpa",
+                       help="sdpa: F.scaled_dot_product_attention (fused kernels); math: the explicit formula")
+
+    system = p.add_argument_group("data and system")
+    system.add_argument("--dataset", choices=data.DATASETS, default="cifar10")
+    system.add_argument("--data-dir", default="./data",
+                        help="folder holding cifar-10-batches-py/ (or cifar-100-python/); downloaded there if absent")
+    system.add_argument("--data-pipeline", choices=data.PIPELINES, default="device",
+                        help="device: data and augmentation on the training device, in batches (fast); "
+                             "torchvision: per-image PIL transforms in DataLoader workers (the reference)")
+    system.add_argument("--workers", type=count, default=data.default_workers(),
+                        help="DataLoader worker processes of the torchvision pipeline")
+    system.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    system.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                        help="auto: bf16 autocast on CUDA, fp32 on the CPU")
+    system.add_argument("--no-compile", action="store_true", help="do not torch.compile the model (CUDA only)")
+
+    output = p.add_argument_group("output and checkpoints")
+    output.add_argument("--out-dir", default=".", help="run.log's folder: metrics.csv, results.png, checkpoints/")
+    output.add_argument("--save-every", type=count, default=0, help="also keep checkpoints/epoch_N.pt every N epochs (0: never)")
+    output.add_argument("--resume", metavar="PATH|auto",
+                        help="continue a run from a checkpoint; auto: <out-dir>/checkpoints/last.pt if present")
+    output.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the test split and exit")
+    output.add_argument("--checkpoint", help="checkpoint to evaluate with --eval-only")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.warmup_epochs > args.epochs:
+        parser.error(f"--warmup-epochs {args.warmup_epochs:g} is longer than --epochs {args.epochs}: shorten the warm-up")
+    if args.min_lr > args.lr:
+        parser.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the schedule decays from --lr to --min-lr")
+    if args.hidden % args.heads:
+        parser.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}: choose heads that divide it")
+    if 32 % args.patch_size:
+        parser.error(f"--patch-size {args.patch_size} does not divide the 32-pixel CIFAR images: use 1, 2, 4, 8, 16 or 32")
+    if args.eval_only and not args.checkpoint:
+        parser.error("--eval-only needs --checkpoint PATH (e.g. checkpoints/best.pt)")
+    if args.checkpoint and not args.eval_only:
+        parser.error("--checkpoint is read only with --eval-only; to continue training use --resume PATH")
+    if args.eval_only and args.resume:
+        parser.error("--eval-only and --resume do not go together: evaluate with --checkpoint PATH")
+    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
+        parser.error(f"--resume {args.resume}: no such file (use --resume auto to start fresh when there is none)")
+    if args.eval_only and not os.path.isfile(args.checkpoint):
+        parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import checkpoint
+    import trainer
+    try:
+        runner = trainer.Trainer(args)
+        if args.eval_only:
+            runner.evaluate_checkpoint()
+        else:
+            runner.fit()
+    except (trainer.TrainingStopped, checkpoint.CheckpointError, data.DataError) as error:
+        print(f"error: {error}" if not isinstance(error, trainer.TrainingStopped) else str(error),
+              file=sys.stderr, flush=True)
+        return getattr(error, "exit_code", 2)
+    finally:
+        trainer.shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,487 @@
+"""Training, evaluation, logging and checkpoints for the ViT; driven by main.py.
+
+One `Trainer` runs one process of a run (a single process, or one rank of a torchrun job):
+    trainer = Trainer(args); trainer.fit()      # or trainer.evaluate_checkpoint()
+Everything the run writes lands in args.out_dir: the log on stdout (rank 0 only), metrics.csv,
+results.png, checkpoints/{last,best,epoch_N}.pt and, at the end, the evaluation report
+(attention.png, confusion.png, per_class.csv).
+"""
+import csv
+import dataclasses
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import checkpoint
+import data
+from models import ViTConfig, VisionTransformer, count_parameters
+
+METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
+                 "images_per_second")
+
+
+class TrainingStopped(Exception):
+    """Ends a run early with a message and an exit status (signal, non-finite loss, failed save)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def learning_rate(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> float:
+    """Linear warm-up from base_lr/warmup_steps to base_lr, then cosine decay reaching min_lr at the last step."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps - 1)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def model_config_from_args(args, num_classes: int) -> ViTConfig:
+    return ViTConfig(num_classes=num_classes, layers=args.layers, hidden=args.hidden, mlp_hidden=args.mlp_hidden,
+                     heads=args.heads, patch_size=args.patch_size, dropout=args.dropout, attention=args.attention)
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise TrainingStopped("--device cuda was asked for but CUDA is not available on this machine: "
+                              "use --device cpu or --device auto", 2)
+    if requested == "auto" and not torch.cuda.is_available():
+        print("warning: CUDA is not available, training on the CPU (slow; use a GPU for the full recipe)",
+              file=sys.stderr, flush=True)
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed():
+    """(rank, world size, local rank); starts the process group when launched by torchrun with >1 process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = "nccl" if torch.cuda.is_available() and os.environ.get("VIT_FORCE_GLOO") != "1" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend)
+    return dist.get_rank(), world, local_rank
+
+
+def shutdown_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class Trainer:
+    def __init__(self, args):
+        self.args = args
+        self.rank, self.world, local_rank = init_distributed()
+        if self.world > 1 and os.environ.get("VIT_FORCE_GLOO") == "1":
+            args.device = "cpu"
+        self.device = resolve_device(args.device, local_rank)
+        if args.batch_size % self.world:
+            raise TrainingStopped(f"--batch-size {args.batch_size} is the global batch and must divide by the "
+                                  f"{self.world} processes: choose a multiple of {self.world}", 2)
+        self.is_main = self.rank == 0
+        self.use_cuda = self.device.type == "cuda"
+        self.amp_dtype = torch.bfloat16 if (self.use_cuda and args.precision != "fp32") or args.precision == "bf16" else None
+        self.out_dir = args.out_dir
+        self.checkpoint_dir = os.path.join(self.out_dir, "checkpoints")
+        self.stop_signal = None
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+    # ------------------------------------------------------------------------------------ building
+
+    def build(self, num_classes: int, model_config: ViTConfig | None = None):
+        args = self.args
+        torch.manual_seed(args.seed)  # same initial weights on every rank
+        self.model_config = model_config or model_config_from_args(args, num_classes)
+        self.compiled = self.use_cuda and not args.no_compile
+        self.model = VisionTransformer(self.model_config).to(self.device)
+        fused = self.use_cuda
+        if args.optimizer == "adam":  # Adam's weight_decay is L2 added to the gradient, as the reference used
+            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
+                                              weight_decay=args.weight_decay, fused=fused)
+        else:
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
+                                               weight_decay=args.weight_decay, fused=fused)
+        network = self.model
+        if self.world > 1:
+            network = torch.nn.parallel.DistributedDataParallel(
+                network, device_ids=[self.device.index] if self.use_cuda else None)
+        if self.compiled:
+            network = torch.compile(network, dynamic=False)
+        self.network = network
+
+    def make_train_loader(self, cifar: data.Cifar):
+        args, local_batch = self.args, self.args.batch_size
+        if args.data_pipeline == "device":
+            return data.DeviceTrainLoader(cifar.train_images, cifar.train_labels, local_batch, args.seed,
+                                          self.device, rank=self.rank, world=self.world)
+        return data.TorchvisionTrainLoader(cifar.train_images, cifar.train_labels, local_batch, args.seed,
+                                           args.workers, pin_memory=self.use_cuda, rank=self.rank, world=self.world)
+
+    # ------------------------------------------------------------------------------------ steps
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def loss_and_logits(self, images_uint8, labels, network=None):
+        with self.autocast():
+            logits = (network or self.network)(data.normalize(images_uint8))
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing)
+        return loss, logits
+
+    @torch.no_grad()
+    def evaluate(self, images, labels, sharded=True):
+        """(test loss, test accuracy %, predictions) over a test set held as uint8. Sharded: each rank takes
+        its part and the sums are reduced (predictions are then this rank's part); else this process alone."""
+        network = self.network if sharded else self.model
+        was_training = network.training
+        network.eval()
+        world, rank = (self.world, self.rank) if sharded else (1, 0)
+        shard = torch.tensor_split(torch.arange(len(images)), world)[rank]
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        predictions = []
+        for batch in shard.split(self.args.eval_batch_size):
+            x = images[batch].to(self.device, non_blocking=True)
+            y = labels[batch].to(self.device, non_blocking=True)
+            loss, logits = self.loss_and_logits(x, y, network)
+            loss_sum += loss * len(y)
+            predicted = logits.argmax(-1)
+            correct += (predicted == y).sum()
+            predictions.append(predicted)
+        totals = torch.stack([loss_sum, correct.float()])
+        if sharded:
+            self.all_reduce(totals)
+        network.train(was_training)
+        return totals[0].item() / len(images), 100.0 * totals[1].item() / len(images), torch.cat(predictions).cpu()
+
+    def all_reduce(self, tensor, op=dist.ReduceOp.SUM):
+        if self.world > 1:
+            dist.all_reduce(tensor, op=op)
+        return tensor
+
+    # ------------------------------------------------------------------------------------ training
+
+    def fit(self) -> dict:
+        args = self.args
+        cifar = data.load_cifar(args.dataset, args.data_dir)
+        self.classes = cifar.classes
+        resume_state = self.resume_state()
+        self.build(cifar.num_classes, checkpoint.model_config_of(resume_state) if resume_state else None)
+        if resume_state:
+            self.check_resume_config(resume_state, cifar.num_classes)
+        if self.is_main:
+            self.probe_out_dir()
+        loader = self.make_train_loader(cifar)
+        steps_per_epoch = loader.steps()
+        total_steps = args.epochs * steps_per_epoch
+        warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+        self.history, self.best_acc, self.best_epoch, start_epoch, position = [], 0.0, 0, 1, None
+        if resume_state:
+            start_epoch, position = self.restore(resume_state)
+        self.log(f"model: {count_parameters(self.model):,} parameters | data: {args.dataset}, "
+                 f"{len(cifar.train_images):,} train / {len(cifar.test_images):,} test | device: {self.device}"
+                 f"{f' x{self.world} processes' if self.world > 1 else ''} | pipeline: {args.data_pipeline} | "
+                 f"precision: {'bf16' if self.amp_dtype else 'fp32'} | compile: {'on' if self.compiled else 'off'}")
+        test_images = cifar.test_images.to(self.device)
+        test_labels = cifar.test_labels.to(self.device)
+        run_start, predictions = time.time(), None
+        self.install_signal_handlers()
+        try:
+            for epoch in range(start_epoch, args.epochs + 1):
+                row = self.train_epoch(epoch, loader, steps_per_epoch, total_steps, warmup_steps,
+                                       position if epoch == start_epoch else None)
+                test_loss, test_acc, predictions = self.evaluate(test_images, test_labels)
+                row.update(test_loss=test_loss, test_acc=test_acc, epoch_seconds=time.time() - row.pop("start"))
+                self.end_epoch(row)
+        finally:
+            self.restore_signal_handlers()
+        summary = {"parameters": count_parameters(self.model), "best_acc": self.best_acc, "best_epoch": self.best_epoch,
+                   "final_acc": self.history[-1]["test_acc"] if self.history else float("nan"),
+                   "seconds": time.time() - run_start}
+        if self.is_main:
+            self.write_report(cifar, predictions.cpu() if predictions is not None else None)
+            self.log(f"done: {summary['parameters']:,} parameters | best test acc {self.best_acc:.2f}% at epoch "
+                     f"{self.best_epoch} | final {summary['final_acc']:.2f}% | {summary['seconds'] / 60:.1f} min "
+                     f"this session")
+        return summary
+
+    def train_epoch(self, epoch, loader, steps_per_epoch, total_steps, warmup_steps, position):
+        """One epoch; `position` resumes one that a signal interrupted (its step and running sums).
+        Losses and accuracies accumulate on the device and are read once, at the end."""
+        args = self.args
+        self.network.train()
+        sums = torch.zeros(3, device=self.device)  # loss sum, correct, samples
+        non_finite = torch.zeros(steps_per_epoch, device=self.device, dtype=torch.bool)
+        skip, elapsed = (position["step"], position["seconds"]) if position else (0, 0.0)
+        if position and self.is_main:  # the saved sums are already reduced over all ranks
+            sums += position["sums"].to(self.device)
+        start, train_start = time.time() - elapsed, time.time()
+        progress = self.progress_bar(epoch, steps_per_epoch, skip)
+        for step_in_epoch, (images, labels) in enumerate(loader.epoch(epoch)):
+            if step_in_epoch < skip:
+                continue
+            lr = learning_rate((epoch - 1) * steps_per_epoch + step_in_epoch, total_steps, warmup_steps,
+                               args.lr, args.min_lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            loss, logits = self.loss_and_logits(images, labels)
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = loss.detach()
+            sums[0] += loss * len(labels)
+            sums[1] += (logits.argmax(-1) == labels).sum()
+            sums[2] += len(labels)
+            non_finite[step_in_epoch] = ~torch.isfinite(loss)
+            if progress is not None:
+                progress.update(1)
+            if self.stop_requested(step_in_epoch):
+                self.check_finite(non_finite, epoch)
+                self.stop_mid_epoch(epoch, step_in_epoch + 1, sums, time.time() - start)
+        if progress is not None:
+            progress.close()
+        self.check_finite(non_finite, epoch)
+        train_seconds = time.time() - train_start
+        loss_sum, correct, seen = self.all_reduce(sums).tolist()
+        seen_this_session = seen - (position["sums"][2].item() if position else 0)
+        last_lr = learning_rate(epoch * steps_per_epoch - 1, total_steps, warmup_steps, args.lr, args.min_lr)
+        return {"epoch": epoch, "lr": last_lr, "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
+                "images_per_second": seen_this_session / max(train_seconds, 1e-9), "start": start}
+
+    def stop_requested(self, step_in_epoch) -> bool:
+        """Whether a signal asked to stop. Ranks of a distributed run must stop at the same step, so they
+        agree through a small all-reduce every few steps; a single process just reads its flag."""
+        if self.world == 1:
+            return self.stop_signal is not None
+        if step_in_epoch % 10:
+            return False
+        flag = torch.tensor(float(self.stop_signal or 0), device=self.device)
+        signum = int(self.all_reduce(flag, dist.ReduceOp.MAX).item())
+        if signum and self.stop_signal is None:
+            self.stop_signal = signum
+        return bool(signum)
+
+    def check_finite(self, non_finite, epoch):
+        bad = self.all_reduce(non_finite.float(), dist.ReduceOp.MAX).nonzero()
+        if len(bad):
+            raise TrainingStopped(f"non-finite training loss at epoch {epoch}, step {int(bad[0]) + 1}: stopped; "
+                                  f"the last good checkpoint is {os.path.join(self.checkpoint_dir, 'last.pt')} "
+                                  f"(try a lower --lr)")
+
+    def progress_bar(self, epoch, steps, done):
+        if not (self.is_main and sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+        return tqdm(total=steps, initial=done, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+
+    def end_epoch(self, row):
+        args = self.args
+        self.history.append(row)
+        improved = row["test_acc"] > self.best_acc
+        if improved:
+            self.best_acc, self.best_epoch = row["test_acc"], row["epoch"]
+        epoch = row["epoch"]
+        self.log(f"epoch {epoch:>{len(str(args.epochs))}}/{args.epochs} | lr {row['lr']:.3e} | "
+                 f"train loss {row['train_loss']:.4f} acc {row['train_acc']:6.2f}% | "
+                 f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}% | "
+                 f"best {self.best_acc:6.2f}% (epoch {self.best_epoch}) | "
+                 f"{row['epoch_seconds']:.1f}s | {row['images_per_second']:,.0f} img/s")
+        if not self.is_main:
+            return
+        self.write_metrics()
+        self.plot()
+        state = self.state(epoch, position=None)
+        self.save(state, "last.pt")
+        if improved:
+            self.save(state, "best.pt")
+        if args.save_every and epoch % args.save_every == 0:
+            self.save(state, f"epoch_{epoch}.pt")
+
+    # ------------------------------------------------------------------------------------ outputs
+
+    def write_metrics(self):
+        path = os.path.join(self.out_dir, "metrics.csv")
+        with _atomic_text(path) as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            writer.writeheader()
+            for row in self.history:
+                writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in METRIC_FIELDS})
+
+    def plot(self):
+        import plots
+        plots.plot_results(self.history, os.path.join(self.out_dir, "results.png"))
+
+    def write_report(self, cifar, predictions=None):
+        """attention.png, confusion.png, per_class.csv and the per-class table in the log (rank 0)."""
+        if predictions is None or len(predictions) != len(cifar.test_labels):
+            _, _, predictions = self.evaluate(cifar.test_images, cifar.test_labels, sharded=False)
+        import visualize
+        for line in visualize.write_evaluation_report(self.model, cifar.test_images, cifar.test_labels, predictions,
+                                                       cifar.classes, self.out_dir):
+            self.log(line)
+
+    # ------------------------------------------------------------------------------------ checkpoints
+
+    def state(self, epoch, position):
+        rng = {"torch": torch.get_rng_state()}
+        if self.use_cuda:
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": {"epoch": epoch, "position": position},
+                "model_config": dataclasses.asdict(self.model_config), "config": dict(vars(self.args)),
+                "classes": self.classes, "epoch": epoch, "history": self.history, "best_acc": self.best_acc,
+                "best_epoch": self.best_epoch, "rng": rng}
+
+    def save(self, state, name):
+        path = os.path.join(self.checkpoint_dir, name)
+        try:
+            checkpoint.save(state, path)
+        except OSError as error:
+            raise TrainingStopped(f"could not write {path} ({error.strerror or error}): free disk space or choose "
+                                  f"another --out-dir; the previous {name} is intact") from None
+
+    def probe_out_dir(self):
+        os.makedirs(self.checkpoint_dir, exist_ok=True)
+        try:
+            with tempfile.TemporaryFile(dir=self.checkpoint_dir) as f:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as error:
+            raise TrainingStopped(f"cannot write to {self.checkpoint_dir} ({error.strerror or error}): "
+                                  f"choose a writable --out-dir", 2) from None
+
+    def resume_state(self):
+        path = self.args.resume
+        if not path:
+            return None
+        if path == "auto":
+            path = os.path.join(self.checkpoint_dir, "last.pt")
+            if not os.path.isfile(path):
+                self.log(f"--resume auto: no {path}, starting a new run")
+                return None
+        state = checkpoint.load(path)
+        for key in ("optimizer", "scheduler", "history", "rng", "epoch"):
+            if key not in state:
+                raise checkpoint.CheckpointError(f"{path} holds a model but no training state ({key!r} missing): "
+                                                 f"it can be evaluated (--eval-only) but not resumed")
+        self.log(f"resuming from {path} (epoch {state['epoch']} done"
+                 f"{', stopped at step %d of the next' % state['scheduler']['position']['step'] if state['scheduler']['position'] else ''})")
+        return state
+
+    def check_resume_config(self, state, num_classes):
+        wanted = dataclasses.asdict(model_config_from_args(self.args, num_classes))
+        stored = state["model_config"]
+        differing = [f"{k}: checkpoint {stored.get(k)!r}, flags {v!r}" for k, v in wanted.items()
+                     if k != "attention" and stored.get(k) != v]
+        if differing:
+            raise checkpoint.CheckpointError("the checkpoint's model differs from the flags (" + "; ".join(differing)
+                                             + "): resume with the original flags or start a new --out-dir")
+
+    def restore(self, state):
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.history = list(state["history"])
+        self.best_acc, self.best_epoch = state["best_acc"], state["best_epoch"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.use_cuda and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        position = state["scheduler"]["position"]
+        if position is not None:
+            return position["epoch"], position
+        return state["epoch"] + 1, None
+
+    # ------------------------------------------------------------------------------------ signals
+
+    def install_signal_handlers(self):
+        self._previous_handlers = {}
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            try:
+                self._previous_handlers[signum] = signal.signal(signum, self.on_signal)
+            except ValueError:  # not the main thread
+                pass
+
+    def restore_signal_handlers(self):
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+
+    def on_signal(self, signum, frame):
+        if signum == signal.SIGHUP:
+            return  # a closed SSH session must not end a nohup'd run
+        if self.stop_signal is not None:
+            os._exit(128 + signum)
+        self.stop_signal = signum
+        if self.is_main:
+            print(f"received {signal.Signals(signum).name}: finishing the current step and saving "
+                  f"checkpoints/last.pt (send it again to exit at once)", flush=True)
+
+    def stop_mid_epoch(self, epoch, steps_done, sums, seconds):
+        position = {"epoch": epoch, "step": steps_done, "sums": self.all_reduce(sums.clone()).cpu(), "seconds": seconds}
+        if self.is_main:
+            self.save(self.state(epoch - 1, position), "last.pt")
+        resume = " ".join(a for a in sys.argv if a != "--resume" and not a.startswith("--resume="))
+        raise TrainingStopped(f"stopped by {signal.Signals(self.stop_signal).name} at epoch {epoch}, step {steps_done}; "
+                              f"saved {os.path.join(self.checkpoint_dir, 'last.pt')}; continue with: "
+                              f"python {resume} --resume auto", 128 + self.stop_signal)
+
+    # ------------------------------------------------------------------------------------ eval-only
+
+    def evaluate_checkpoint(self) -> dict:
+        args = self.args
+        state = checkpoint.load(args.checkpoint)
+        cifar = data.load_cifar(args.dataset, args.data_dir)
+        config = checkpoint.model_config_of(state)
+        if config.num_classes != cifar.num_classes:
+            raise checkpoint.CheckpointError(f"{args.checkpoint} predicts {config.num_classes} classes but {args.dataset} "
+                                             f"has {cifar.num_classes}: pass the --dataset it was trained on")
+        self.model_config, self.classes = config, cifar.classes
+        self.model = VisionTransformer(config).to(self.device)
+        self.model.load_state_dict(state["model"])
+        self.network = self.model
+        test_loss, test_acc, predictions = self.evaluate(cifar.test_images, cifar.test_labels)
+        self.log(f"eval {args.checkpoint} (epoch {state.get('epoch', '?')}): test loss {test_loss:.4f} "
+                 f"acc {test_acc:.2f}% on {len(cifar.test_images):,} {args.dataset} test images")
+        if self.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            self.write_report(cifar, predictions)
+        return {"test_loss": test_loss, "test_acc": test_acc}
+
+
+class _atomic_text:
+    """Open a text file for writing that replaces `path` only once it is completely written."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __enter__(self):
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+        self.file = os.fdopen(fd, "w", newline="")
+        return self.file
+
+    def __exit__(self, kind, value, traceback):
+        self.file.close()
+        if kind is None:
+            os.replace(self.tmp, self.path)
+        else:
+            os.remove(self.tmp)
