@@ -296,7 +296,7 @@ class Trainer:
     def end_epoch(self, row):
         args = self.args
         self.history.append(row)
-        improved = row["test_acc"] > self.best_acc
+        improved = self.best_epoch == 0 or row["test_acc"] > self.best_acc
         if improved:
             self.best_acc, self.best_epoch = row["test_acc"], row["epoch"]
         epoch = row["epoch"]

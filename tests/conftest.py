@@ -1,0 +1,57 @@
+"""Shared test fixtures: tiny fake CIFAR folders and a tiny-model command line for main.py."""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REAL_CIFAR10 = os.path.join(ROOT, "..", "shared", "data", "cifar-10-batches-py")
+sys.path.insert(0, ROOT)
+
+TINY_MODEL = ["--layers", "2", "--hidden", "32", "--mlp-hidden", "32", "--heads", "4"]
+
+
+def write_fake_cifar(data_dir, dataset="cifar10", train_per_batch=40, test=50, seed=0):
+    """A CIFAR folder in the standard python layout with random, weakly class-coloured images."""
+    rng = np.random.default_rng(seed)
+    num_classes = 10 if dataset == "cifar10" else 100
+    folder = os.path.join(data_dir, "cifar-10-batches-py" if dataset == "cifar10" else "cifar-100-python")
+    os.makedirs(folder, exist_ok=True)
+    label_key = b"labels" if dataset == "cifar10" else b"fine_labels"
+
+    def batch(n):
+        labels = rng.integers(0, num_classes, n)
+        images = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        images[:, :1024] = (labels[:, None] * (250 // num_classes)).astype(np.uint8)  # red plane encodes the class
+        return {b"data": images, label_key: labels.tolist()}
+
+    def dump(name, obj):
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(obj, f)
+
+    if dataset == "cifar10":
+        for i in range(1, 6):
+            dump(f"data_batch_{i}", batch(train_per_batch))
+        dump("test_batch", batch(test))
+        dump("batches.meta", {b"label_names": [f"class{i}".encode() for i in range(10)]})
+    else:
+        dump("train", batch(5 * train_per_batch))
+        dump("test", batch(test))
+        dump("meta", {b"fine_label_names": [f"class{i}".encode() for i in range(100)]})
+    return folder
+
+
+@pytest.fixture
+def fake_cifar10(tmp_path):
+    data_dir = tmp_path / "data"
+    write_fake_cifar(str(data_dir))
+    return str(data_dir)
+
+
+def run_main(args, cwd=ROOT, timeout=300, env=None):
+    """Run main.py as a user would; returns the CompletedProcess (text stdout/stderr)."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
