@@ -52,11 +52,12 @@ def model_config_from_args(args, num_classes: int) -> ViTConfig:
 
 # ---------------------------------------------------------------------------------------------- setup
 
-def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+def resolve_device(requested: str, local_rank: int = 0, quiet: bool = False) -> torch.device:
+    """The training device; `quiet` silences the CPU warning (ranks other than 0)."""
     if requested == "cuda" and not torch.cuda.is_available():
         raise TrainingStopped("--device cuda was asked for but CUDA is not available on this machine: "
                               "use --device cpu or --device auto", 2)
-    if requested == "auto" and not torch.cuda.is_available():
+    if requested == "auto" and not torch.cuda.is_available() and not quiet:
         print("warning: CUDA is not available, training on the CPU (slow; use a GPU for the full recipe)",
               file=sys.stderr, flush=True)
     if requested == "cpu" or not torch.cuda.is_available():
@@ -64,17 +65,24 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def init_distributed():
-    """(rank, world size, local rank); starts the process group when launched by torchrun with >1 process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def distributed_env():
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) for a plain `python main.py`."""
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+            int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_distributed(device: torch.device):
+    """Starts the process group when launched by torchrun with >1 process (a no-op otherwise): backend nccl
+    when this rank trains on a GPU (its own: LOCAL_RANK), gloo on the CPU. Returns (rank, world size)."""
+    rank, world, _ = distributed_env()
     if world == 1:
-        return 0, 1, 0
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    backend = "nccl" if torch.cuda.is_available() and os.environ.get("VIT_FORCE_GLOO") != "1" else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend)
-    return dist.get_rank(), world, local_rank
+        return 0, 1
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 def shutdown_distributed():
@@ -85,13 +93,12 @@ def shutdown_distributed():
 class Trainer:
     def __init__(self, args):
         self.args = args
-        self.rank, self.world, local_rank = init_distributed()
-        if self.world > 1 and os.environ.get("VIT_FORCE_GLOO") == "1":
-            args.device = "cpu"
-        self.device = resolve_device(args.device, local_rank)
-        if args.batch_size % self.world:
+        env_rank, env_world, local_rank = distributed_env()
+        if args.batch_size % env_world:  # checked before the processes rendezvous, so every rank exits at once
             raise TrainingStopped(f"--batch-size {args.batch_size} is the global batch and must divide by the "
-                                  f"{self.world} processes: choose a multiple of {self.world}", 2)
+                                  f"{env_world} processes: choose a multiple of {env_world}", 2)
+        self.device = resolve_device(args.device, local_rank, quiet=env_rank != 0)
+        self.rank, self.world = init_distributed(self.device)
         self.is_main = self.rank == 0
         self.use_cuda = self.device.type == "cuda"
         self.amp_dtype = torch.bfloat16 if (self.use_cuda and args.precision != "fp32") or args.precision == "bf16" else None
@@ -118,13 +125,13 @@ class Trainer:
         else:
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
                                                weight_decay=args.weight_decay, fused=fused)
-        network = self.model
+        self.network = self.model
         if self.world > 1:
-            network = torch.nn.parallel.DistributedDataParallel(
-                network, device_ids=[self.device.index] if self.use_cuda else None)
-        if self.compiled:
-            network = torch.compile(network, dynamic=False)
-        self.network = network
+            self.network = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.use_cuda else None)
+        # Compiling the whole forward (normalisation, model, loss, argmax) fuses its small kernels.
+        self.loss_and_predictions = (torch.compile(self._loss_and_predictions, dynamic=False) if self.compiled
+                                     else self._loss_and_predictions)
 
     def make_train_loader(self, cifar: data.Cifar):
         args, local_batch = self.args, self.args.batch_size
@@ -139,19 +146,37 @@ class Trainer:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
 
-    def loss_and_logits(self, images_uint8, labels, network=None):
+    def _loss_and_predictions(self, network, images_uint8, labels):
+        """Label-smoothed cross-entropy and predicted classes, from uint8 images."""
         with self.autocast():
-            logits = (network or self.network)(data.normalize(images_uint8))
+            logits = network(data.normalize(images_uint8))
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.args.label_smoothing)
-        return loss, logits
+        return loss, logits.argmax(-1)
+
+    def train_step(self, images_uint8, labels, lr, global_batch=None):
+        """One optimisation step; returns the loss and the number of correct predictions as device tensors,
+        without waiting for the device. `global_batch`: the size of this step's batch over all ranks."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss, predictions = self.loss_and_predictions(self.network, images_uint8.to(self.device, non_blocking=True),
+                                                      labels)
+        weight = len(labels) * self.world / global_batch if self.world > 1 and global_batch else 1.0
+        # DDP averages the ranks' gradients with equal weights, but a partial last global batch splits into
+        # unequal (even empty) local batches: weighting each rank's mean loss by its share makes the gradient
+        # the mean over the global batch, as in one process. Full batches have weight exactly 1.
+        (loss * weight if weight != 1.0 else loss).backward()
+        if not len(labels):
+            loss = torch.zeros_like(loss)  # the mean over an empty share is nan (its gradient, weighted 0, is 0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), (predictions == labels).sum()
 
     @torch.no_grad()
     def evaluate(self, images, labels, sharded=True):
         """(test loss, test accuracy %, predictions) over a test set held as uint8. Sharded: each rank takes
         its part and the sums are reduced (predictions are then this rank's part); else this process alone."""
-        network = self.network if sharded else self.model
-        was_training = network.training
-        network.eval()
+        was_training = self.model.training
+        self.model.eval()
         world, rank = (self.world, self.rank) if sharded else (1, 0)
         shard = torch.tensor_split(torch.arange(len(images)), world)[rank]
         loss_sum = torch.zeros((), device=self.device)
@@ -160,16 +185,20 @@ class Trainer:
         for batch in shard.split(self.args.eval_batch_size):
             x = images[batch].to(self.device, non_blocking=True)
             y = labels[batch].to(self.device, non_blocking=True)
-            loss, logits = self.loss_and_logits(x, y, network)
+            loss, predicted = self.loss_and_predictions(self.model, x, y)
             loss_sum += loss * len(y)
-            predicted = logits.argmax(-1)
             correct += (predicted == y).sum()
             predictions.append(predicted)
         totals = torch.stack([loss_sum, correct.float()])
         if sharded:
             self.all_reduce(totals)
-        network.train(was_training)
-        return totals[0].item() / len(images), 100.0 * totals[1].item() / len(images), torch.cat(predictions).cpu()
+        self.model.train(was_training)
+        predictions = torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+        return totals[0].item() / len(images), 100.0 * totals[1].item() / len(images), predictions.cpu()
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
 
     def all_reduce(self, tensor, op=dist.ReduceOp.SUM):
         if self.world > 1:
@@ -220,6 +249,7 @@ class Trainer:
             self.log(f"done: {summary['parameters']:,} parameters | best test acc {self.best_acc:.2f}% at epoch "
                      f"{self.best_epoch} | final {summary['final_acc']:.2f}% | {summary['seconds'] / 60:.1f} min "
                      f"this session")
+        self.barrier()  # the other ranks wait for rank 0's report, then all leave together
         return summary
 
     def train_epoch(self, epoch, loader, steps_per_epoch, total_steps, warmup_steps, position):
@@ -239,17 +269,11 @@ class Trainer:
                 continue
             lr = learning_rate((epoch - 1) * steps_per_epoch + step_in_epoch, total_steps, warmup_steps,
                                args.lr, args.min_lr)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            loss, logits = self.loss_and_logits(images, labels)
-            loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = loss.detach()
+            global_batch = min(args.batch_size, loader.num_samples - step_in_epoch * args.batch_size)
+            loss, correct = self.train_step(images, labels, lr, global_batch)
             sums[0] += loss * len(labels)
-            sums[1] += (logits.argmax(-1) == labels).sum()
+            sums[1] += correct
             sums[2] += len(labels)
             non_finite[step_in_epoch] = ~torch.isfinite(loss)
             if progress is not None:
@@ -463,6 +487,7 @@ class Trainer:
         if self.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
             self.write_report(cifar, predictions)
+        self.barrier()
         return {"test_loss": test_loss, "test_acc": test_acc}
 
 

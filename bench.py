@@ -1,0 +1,185 @@
+"""Side-by-side throughput of the reference-style configuration and the fast default, on one device.
+
+    python bench.py --device cpu                      # a few minutes on a 2-core CPU
+    python bench.py --device cuda --steps 300         # one GPU
+    python bench.py --data-dir ../shared/data         # real CIFAR-10 images (else random ones)
+
+(a) reference: torchvision PIL pipeline in a DataLoader, explicit attention, fp32, eager.
+(b) fast:      data and augmentation on the device, sdpa attention, bf16 autocast and torch.compile on CUDA.
+For each: steady-state training images/s (augmentation included, after warm-up), evaluation images/s,
+peak memory, the projected time of the 200-epoch recipe, and on CUDA the achieved TFLOP/s. Then the
+augmentation pipelines alone. Prints a table and writes the numbers to --json.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import time
+
+import torch
+
+import data
+import main
+from models import ViTConfig
+from trainer import Trainer
+
+CONFIGS = {
+    "reference": ["--data-pipeline", "torchvision", "--attention", "math", "--precision", "fp32", "--no-compile"],
+    "fast": [],
+}
+
+
+def forward_flops_per_image(config: ViTConfig) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one image's forward pass: the matrix products only."""
+    tokens, d, m = config.num_patches + 1, config.hidden, config.mlp_hidden
+    patch_dim = config.in_channels * config.patch_size ** 2
+    per_layer = 2 * tokens * d * 3 * d + 2 * 2 * tokens * tokens * d + 2 * tokens * d * d + 2 * 2 * tokens * d * m
+    return 2 * config.num_patches * patch_dim * d + config.layers * per_layer + 2 * d * config.num_classes
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mib(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS, KiB on Linux
+
+
+def subset(cifar: data.Cifar, train: int, test: int) -> data.Cifar:
+    return data.Cifar(cifar.train_images[:train], cifar.train_labels[:train], cifar.test_images[:test],
+                      cifar.test_labels[:test], cifar.classes)
+
+
+def bench_training(name, flags, cifar, opts):
+    """Images/s of whole loader epochs over steps*batch images: warm-up epoch, then a timed one."""
+    args = main.parse_args(flags + ["--device", opts.device, "--batch-size", str(opts.batch_size),
+                                    "--workers", str(opts.workers), "--out-dir", opts.out_dir, "--epochs", "200"])
+    trainer = Trainer(args)
+    trainer.build(cifar.num_classes)
+    device = trainer.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    part = subset(cifar, opts.steps * opts.batch_size, opts.eval_images)
+    loader = trainer.make_train_loader(part)
+    trainer.network.train()
+    for step, (images, labels) in enumerate(loader.epoch(1)):
+        if step == opts.warmup:
+            break
+        trainer.train_step(images, labels.to(device), args.lr)
+    synchronize(device)
+    start = time.perf_counter()
+    seen = 0
+    for images, labels in loader.epoch(2):
+        trainer.train_step(images, labels.to(device), args.lr)
+        seen += len(labels)
+    synchronize(device)
+    train_ips = seen / (time.perf_counter() - start)
+
+    test_images, test_labels = part.test_images.to(device), part.test_labels.to(device)
+    trainer.evaluate(test_images, test_labels)  # warm-up (compiles the eval graph)
+    synchronize(device)
+    start = time.perf_counter()
+    trainer.evaluate(test_images, test_labels)
+    synchronize(device)
+    eval_ips = len(test_images) / (time.perf_counter() - start)
+
+    epoch_seconds = len(cifar.train_images) / train_ips + 10_000 / eval_ips
+    result = {"config": name, "flags": " ".join(flags) or "(defaults)", "train_images_per_s": train_ips,
+              "eval_images_per_s": eval_ips, "peak_memory_mib": peak_memory_mib(device),
+              "projected_epoch_s": epoch_seconds, "projected_200_epochs_min": 200 * epoch_seconds / 60}
+    if device.type == "cuda":
+        result["train_tflops"] = 3 * forward_flops_per_image(trainer.model_config) * train_ips / 1e12
+    return result
+
+
+def bench_augmentation(cifar, opts, device):
+    """Images/s of the training augmentation alone: PIL per image in DataLoader workers vs batched on device."""
+    n = opts.augment_images
+    images, labels = cifar.train_images[:n], cifar.train_labels[:n]
+    pil = data.TorchvisionTrainLoader(images, labels, 256, seed=0, workers=opts.workers, pin_memory=False)
+    start = time.perf_counter()
+    count = sum(len(batch) for batch, _ in pil.epoch(1))
+    pil_ips = count / (time.perf_counter() - start)
+
+    from augment import train_augment
+    on_device = images.to(device)
+    generator = torch.Generator(device).manual_seed(0)
+    train_augment(on_device[:1000], generator=generator)  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    for part in on_device.split(10_000):
+        train_augment(part, generator=generator)
+    synchronize(device)
+    device_ips = n / (time.perf_counter() - start)
+    return {"torchvision_pil_images_per_s": pil_ips, "device_batched_images_per_s": device_ips,
+            "speedup": device_ips / pil_ips, "images": n}
+
+
+def load_data(data_dir):
+    if os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py")):
+        return data.load_cifar("cifar10", data_dir, download=False), f"CIFAR-10 from {data_dir}"
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (60_000, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (60_000,), generator=generator)
+    return data.Cifar(images[:50_000], labels[:50_000], images[50_000:], labels[50_000:],
+                      [str(i) for i in range(10)]), "random images (no CIFAR-10 folder found)"
+
+
+def print_table(results, augmentation, header):
+    print(header)
+    print(f"{'config':<10} {'train img/s':>12} {'eval img/s':>11} {'peak MiB':>9} {'epoch s':>8} "
+          f"{'200 ep. min':>11} {'TFLOP/s':>8}")
+    for r in results:
+        print(f"{r['config']:<10} {r['train_images_per_s']:>12,.0f} {r['eval_images_per_s']:>11,.0f} "
+              f"{r['peak_memory_mib']:>9,.0f} {r['projected_epoch_s']:>8.1f} {r['projected_200_epochs_min']:>11.1f} "
+              f"{r.get('train_tflops', float('nan')):>8.1f}")
+    print(f"training speed-up fast/reference: {results[1]['train_images_per_s'] / results[0]['train_images_per_s']:.1f}x")
+    print(f"augmentation alone ({augmentation['images']:,} images): torchvision PIL "
+          f"{augmentation['torchvision_pil_images_per_s']:,.0f} img/s, device batched "
+          f"{augmentation['device_batched_images_per_s']:,.0f} img/s ({augmentation['speedup']:.1f}x)")
+
+
+def main_cli(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--batch-size", type=main.positive_int, default=128)
+    p.add_argument("--steps", type=main.positive_int, default=None,
+                   help="timed training steps per config (default: 8 on the CPU, 300 on CUDA)")
+    p.add_argument("--warmup", type=main.positive_int, default=None, help="untimed steps first (default 2 / 30)")
+    p.add_argument("--eval-images", type=main.positive_int, default=None, help="default 1,000 on the CPU, 10,000 on CUDA")
+    p.add_argument("--augment-images", type=main.positive_int, default=None, help="default 5,000 / 50,000")
+    p.add_argument("--workers", type=main.count, default=data.default_workers())
+    p.add_argument("--out-dir", default="bench-out", help="scratch folder for the trainers (nothing is saved there)")
+    p.add_argument("--json", default="bench.json")
+    opts = p.parse_args(argv)
+    from trainer import resolve_device
+    device = resolve_device(opts.device)
+    opts.device = device.type
+    on_cuda = device.type == "cuda"
+    opts.steps = opts.steps or (300 if on_cuda else 8)
+    opts.warmup = opts.warmup or (30 if on_cuda else 2)
+    opts.eval_images = opts.eval_images or (10_000 if on_cuda else 1_000)
+    opts.augment_images = opts.augment_images or (50_000 if on_cuda else 5_000)
+    cifar, source = load_data(opts.data_dir)
+    machine = torch.cuda.get_device_name(device) if on_cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    header = (f"bench: {machine} | torch {torch.__version__} | {source} | batch {opts.batch_size} | "
+              f"{opts.steps} timed steps after {opts.warmup} | {opts.workers} DataLoader workers")
+    print(header, flush=True)
+    results = []
+    for name, flags in CONFIGS.items():
+        results.append(bench_training(name, flags, cifar, opts))
+        print(json.dumps(results[-1]), flush=True)
+    augmentation = bench_augmentation(cifar, opts, device)
+    print_table(results, augmentation, header)
+    with open(opts.json, "w") as f:
+        json.dump({"header": header, "training": results, "augmentation": augmentation,
+                   "forward_gflop_per_image": forward_flops_per_image(ViTConfig()) / 1e9}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main_cli()

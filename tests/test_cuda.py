@@ -1,0 +1,75 @@
+"""The CUDA code paths: skipped on machines without a GPU (CI), run on a GPU box with `pytest tests/test_cuda.py`."""
+import os
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL, run_main, write_fake_cifar
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def relative_error(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_sdpa_matches_math_on_cuda_fp32_and_bf16():
+    from models import ViTConfig, VisionTransformer
+    torch.manual_seed(0)
+    math_model = VisionTransformer(ViTConfig(attention="math")).cuda()
+    sdpa_model = VisionTransformer(ViTConfig(attention="sdpa")).cuda()
+    sdpa_model.load_state_dict(math_model.state_dict())
+    images = torch.randn(64, 3, 32, 32, device="cuda")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.no_grad():
+        assert relative_error(sdpa_model(images), math_model(images)) < 1e-4  # fused kernels reorder float32 sums
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            fast, reference = sdpa_model(images).float(), math_model(images).float()
+        assert relative_error(fast, reference) < 2e-2  # bf16 operands: 8 mantissa bits
+
+
+def test_compiled_bf16_train_step_learns_a_fixed_batch():
+    import main
+    import trainer
+    args = main.parse_args(["--device", "cuda", *TINY_MODEL, "--out-dir", "/tmp/cuda-test"])
+    runner = trainer.Trainer(args)
+    runner.build(10)
+    assert runner.compiled and runner.amp_dtype == torch.bfloat16
+    images = torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8, device="cuda")
+    labels = torch.randint(0, 10, (128,), device="cuda")
+    losses = [runner.train_step(images, labels, 1e-3)[0].item() for _ in range(30)]
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_augmentation_on_cuda_equals_cpu_for_given_magnitudes():
+    import augment
+    images = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8)
+    magnitudes = torch.linspace(-1, 1, 256)
+    for op in augment.OPS:
+        scale = augment.magnitude(op, 9) if augment.magnitude(op, 9) else 1.0
+        cpu = augment.apply_op(images, op, magnitudes * scale)
+        gpu = augment.apply_op(images.cuda(), op, (magnitudes * scale).cuda()).cpu()
+        mismatch = (cpu.int() - gpu.int()).abs()
+        assert mismatch.max() <= 1 and (mismatch > 0).float().mean() < 1e-3, op  # float rounding on the boundary
+
+
+def test_device_loader_on_cuda_covers_the_epoch():
+    import data
+    images = torch.arange(300).view(300, 1, 1, 1).expand(300, 3, 32, 32).to(torch.uint8)
+    labels = torch.arange(300)
+    loader = data.DeviceTrainLoader(images, labels, 128, seed=0, device="cuda", augment=False)
+    batches = list(loader.epoch(1))
+    assert [len(y) for _, y in batches] == [128, 128, 44]
+    seen = torch.cat([y for _, y in batches]).cpu()
+    assert sorted(seen.tolist()) == list(range(300))
+    assert all(x.is_cuda and x.dtype == torch.uint8 for x, _ in batches)
+
+
+def test_main_runs_on_cuda_with_compile(tmp_path):
+    data_dir = tmp_path / "data"
+    write_fake_cifar(str(data_dir))
+    result = run_main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path / "run"), "--epochs", "2",
+                       "--warmup-epochs", "1", "--batch-size", "32", *TINY_MODEL])
+    assert result.returncode == 0, result.stderr
+    assert "device: cuda" in result.stdout and "precision: bf16" in result.stdout and "compile: on" in result.stdout
+    assert os.path.isfile(tmp_path / "run" / "checkpoints" / "last.pt")
