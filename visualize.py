@@ -111,7 +111,9 @@ def save_attention_figure(model, images_uint8: torch.Tensor, labels, classes: li
         axes[0, 2 + head].set_title(f"last layer\nhead {head + 1}", fontsize=8)
     for axis in axes.flat:
         axis.set_axis_off()
-    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.5 / rows, wspace=0.05, hspace=0.45)
+    title_inches = 0.45
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - title_inches / (rows * ATTENTION_CELL_INCHES),
+                           wspace=0.05, hspace=0.45)
     figure.savefig(path, dpi=DPI)
     plt.close(figure)
 

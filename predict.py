@@ -1,0 +1,138 @@
+"""Classify your own pictures with a trained checkpoint.
+
+    python predict.py cat.jpg truck.png --checkpoint checkpoints/best.pt
+    python predict.py cat.jpg --checkpoint checkpoints/best.pt --attention --out-dir figures
+    python predict.py photos/*.jpg --checkpoint checkpoints/best.pt --device cpu
+
+Any picture Pillow can read works, of any size and mode: grayscale, palette and CMYK pictures are
+converted to RGB and transparent ones are laid over white. The whole picture is then resized to the
+model's input size (32x32; the aspect ratio is not kept) with Pillow's bilinear filter, which
+antialiases when it shrinks, and normalised as in training (`data.normalize`). For each image the
+five most likely classes (all of them if the model has fewer) are printed with their probabilities.
+--attention also writes <out-dir>/<image-stem>_attention.png: the image as the model saw it, its
+attention rollout from the class token, and the last layer's per-head maps (see visualize.py).
+
+An image that cannot be read gets a one-line error on stderr and the others are still classified;
+the exit status is then 1. A missing or unreadable checkpoint: a one-line error, exit status 2.
+"""
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from checkpoint import CheckpointError, load_model
+from data import normalize
+from visualize import save_attention_figure
+
+TOP_K = 5
+BATCH_SIZE = 256
+
+
+@dataclass
+class Prediction:
+    path: str
+    image: torch.Tensor = None  # uint8 [3, H, W], what the model saw
+    top: list = None  # [(class name, probability)], most likely first
+    error: str = None  # why the image could not be read
+
+
+def load_image(path: str, size: int) -> torch.Tensor:
+    """A picture file -> uint8 [3, size, size]. Raises OSError, ValueError or DecompressionBombError."""
+    with Image.open(path) as image:
+        if image.mode.startswith("I;16"):  # 16-bit grayscale: convert("RGB") would clip it to white
+            image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+            image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
+        image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def read_image(path: str, size: int) -> Prediction:
+    try:
+        return Prediction(path, image=load_image(path, size))
+    except UnidentifiedImageError:
+        reason = "not an image file Pillow can read"
+    except OSError as error:  # missing file, a folder, no permission, a truncated image
+        reason = error.strerror or str(error)
+    except (ValueError, Image.DecompressionBombError) as error:
+        reason = str(error)
+    return Prediction(path, error=reason.strip().splitlines()[0] if reason.strip() else "unreadable")
+
+
+def predict_images(model, classes: list, paths: list) -> list:
+    """One Prediction per path, in order: the top classes, or the error that stopped it.
+
+    `model` should be in eval mode, as `checkpoint.load_model` returns it."""
+    results = [read_image(path, model.config.image_size) for path in paths]
+    readable = [result for result in results if result.error is None]
+    device = next(model.parameters()).device
+    k = min(TOP_K, len(classes))
+    with torch.no_grad():
+        for start in range(0, len(readable), BATCH_SIZE):
+            batch = readable[start:start + BATCH_SIZE]
+            images = torch.stack([result.image for result in batch]).to(device)
+            probabilities, indices = model(normalize(images)).float().softmax(dim=-1).topk(k, dim=-1)
+            for result, row_probabilities, row_indices in zip(batch, probabilities.tolist(), indices.tolist()):
+                result.top = [(classes[i], p) for i, p in zip(row_indices, row_probabilities)]
+    return results
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Classify pictures with a trained ViT checkpoint.")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or any picture Pillow reads")
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by training, e.g. checkpoints/best.pt")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda when available, else cpu")
+    parser.add_argument("--attention", action="store_true",
+                        help="also write <out-dir>/<image-stem>_attention.png for each image")
+    parser.add_argument("--out-dir", default=".", help="folder for the --attention figures (default: .)")
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but CUDA is not available here: use --device cpu")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        model, state = load_model(args.checkpoint, args.device)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # e.g. weights that do not fit the stored config, or a corrupt pickle
+        print(f"error: checkpoint {args.checkpoint} could not be loaded "
+              f"({type(error).__name__}: {str(error).strip().splitlines()[0]})", file=sys.stderr)
+        return 2
+    classes = state.get("classes")
+    if not classes or len(classes) != model.config.num_classes:
+        print(f"error: checkpoint {args.checkpoint} does not list its {model.config.num_classes} class names",
+              file=sys.stderr)
+        return 2
+
+    results = predict_images(model, classes, args.images)
+    if args.attention:
+        os.makedirs(args.out_dir, exist_ok=True)
+    for result in results:
+        if result.error is not None:
+            print(f"error: {result.path}: {result.error}", file=sys.stderr)
+            continue
+        print(result.path)
+        width = max(len(name) for name, _ in result.top)
+        for rank, (name, probability) in enumerate(result.top, start=1):
+            print(f"  {rank}. {name:<{width}}  {100 * probability:6.2f}%")
+        if args.attention:
+            stem = os.path.splitext(os.path.basename(result.path))[0]
+            figure_path = os.path.join(args.out_dir, f"{stem}_attention.png")
+            save_attention_figure(model, result.image[None], None, classes, figure_path)
+            print(f"  attention: {figure_path}")
+    return 1 if any(result.error is not None for result in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

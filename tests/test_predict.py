@@ -1,0 +1,163 @@
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import checkpoint
+import predict
+from data import normalize
+from models import ViTConfig, VisionTransformer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = ViTConfig(layers=2, hidden=32, mlp_hidden=32, heads=4, patch_size=8)
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def save_checkpoint(path, config=CONFIG, classes=CLASSES):
+    torch.manual_seed(0)
+    model = VisionTransformer(config)
+    checkpoint.save({"model": model.state_dict(), "model_config": dataclasses.asdict(config),
+                     "classes": classes, "config": {}}, str(path))
+    return str(path)
+
+
+@pytest.fixture
+def model(tmp_path):
+    model, _ = checkpoint.load_model(save_checkpoint(tmp_path / "model.pt"))
+    return model
+
+
+def random_pixels(height, width, channels=3, seed=0):
+    shape = (height, width, channels) if channels > 1 else (height, width)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def save_image(path, array, mode=None):
+    Image.fromarray(array, mode).save(path)
+    return str(path)
+
+
+def model_top(model, image_uint8, k=5):
+    with torch.no_grad():
+        probabilities = model(normalize(image_uint8[None])).softmax(dim=-1)[0]
+    values, indices = probabilities.topk(k)
+    return [CLASSES[i] for i in indices.tolist()], values.tolist()
+
+
+def test_predicts_the_models_top5_for_a_32x32_image(tmp_path, model):
+    pixels = random_pixels(32, 32)
+    path = save_image(tmp_path / "image.png", pixels)
+    [result] = predict.predict_images(model, CLASSES, [path])
+    assert result.error is None
+    assert torch.equal(result.image, torch.from_numpy(pixels).permute(2, 0, 1))
+    names, probabilities = model_top(model, result.image)
+    assert [name for name, _ in result.top] == names
+    assert [p for _, p in result.top] == pytest.approx(probabilities, abs=1e-6)
+
+
+def test_oversized_image_is_resized_to_32x32_with_bilinear_filter(tmp_path, model):
+    path = save_image(tmp_path / "big.jpg", random_pixels(700, 1000))
+    [result] = predict.predict_images(model, CLASSES, [path])
+    with Image.open(path) as image:
+        expected = np.array(image.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))
+    assert result.image.shape == (3, 32, 32) and result.image.dtype == torch.uint8
+    assert torch.equal(result.image, torch.from_numpy(expected).permute(2, 0, 1))
+    assert len(result.top) == 5
+
+
+def test_grayscale_image_becomes_three_equal_channels(tmp_path, model):
+    gray = random_pixels(32, 32, channels=1)
+    [result] = predict.predict_images(model, CLASSES, [save_image(tmp_path / "gray.png", gray, "L")])
+    assert result.error is None and len(result.top) == 5
+    for channel in result.image:
+        assert torch.equal(channel, torch.from_numpy(gray))
+
+
+def test_transparent_pixels_of_an_rgba_png_become_white(tmp_path, model):
+    rgba = np.zeros((32, 32, 4), dtype=np.uint8)
+    rgba[:, :, 1] = 255  # green everywhere, but only the left half is opaque and it is red
+    rgba[:, :16] = (255, 0, 0, 255)
+    [result] = predict.predict_images(model, CLASSES, [save_image(tmp_path / "rgba.png", rgba, "RGBA")])
+    assert result.error is None and len(result.top) == 5
+    assert result.image[:, :, :16].reshape(3, -1).T.unique(dim=0).tolist() == [[255, 0, 0]]
+    assert result.image[:, :, 16:].reshape(3, -1).T.unique(dim=0).tolist() == [[255, 255, 255]]
+
+
+def test_palette_image_is_read_as_its_colours(tmp_path, model):
+    path = tmp_path / "palette.png"
+    Image.fromarray(random_pixels(32, 32)).quantize(colors=16).save(path)
+    [result] = predict.predict_images(model, CLASSES, [str(path)])
+    with Image.open(path) as image:
+        assert image.mode == "P"
+        expected = np.array(image.convert("RGB"))
+    assert torch.equal(result.image, torch.from_numpy(expected).permute(2, 0, 1))
+
+
+def test_bad_files_get_a_reason_and_the_others_are_still_predicted(tmp_path, model):
+    good = save_image(tmp_path / "good.png", random_pixels(32, 32))
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    truncated = tmp_path / "truncated.jpg"
+    save_image(truncated, random_pixels(200, 200))
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    paths = [str(text), good, str(tmp_path / "missing.jpg"), str(tmp_path), str(truncated), good]
+
+    results = predict.predict_images(model, CLASSES, paths)
+
+    assert [result.path for result in results] == paths
+    assert results[0].error == "not an image file Pillow can read"
+    assert results[2].error == "No such file or directory"
+    assert results[3].error == "Is a directory"
+    assert "truncated" in results[4].error
+    for bad in (results[0], results[2], results[3], results[4]):
+        assert bad.top is None and "\n" not in bad.error
+    for ok in (results[1], results[5]):
+        assert ok.error is None and len(ok.top) == 5
+    assert results[1].top == results[5].top
+
+
+def test_top_k_is_at_most_the_number_of_classes(tmp_path):
+    config = dataclasses.replace(CONFIG, num_classes=3)
+    model, state = checkpoint.load_model(save_checkpoint(tmp_path / "three.pt", config, ["a", "b", "c"]))
+    [result] = predict.predict_images(model, state["classes"], [save_image(tmp_path / "x.png", random_pixels(32, 32))])
+    assert sorted(name for name, _ in result.top) == ["a", "b", "c"]
+    assert sum(p for _, p in result.top) == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["missing", "garbage", "not_a_checkpoint"])
+def test_bad_checkpoint_is_one_line_error_and_exit_2_before_reading_images(tmp_path, capsys, kind):
+    path = tmp_path / f"{kind}.pt"
+    if kind == "garbage":
+        path.write_bytes(b"definitely not a checkpoint\n" * 10)
+    elif kind == "not_a_checkpoint":
+        torch.save({"weights": torch.zeros(3)}, path)
+    status = predict.main([str(tmp_path / "missing.png"), "--checkpoint", str(path), "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert status == 2
+    assert out == ""
+    assert err.count("\n") == 1 and str(path) in err and "missing.png" not in err
+
+
+def test_command_line(tmp_path):
+    checkpoint_path = save_checkpoint(tmp_path / "model.pt")
+    good = save_image(tmp_path / "good.png", random_pixels(32, 32))
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("hello")
+    out_dir = tmp_path / "figures"
+    run = subprocess.run([sys.executable, os.path.join(REPO, "predict.py"), good, str(bad), "--checkpoint",
+                          checkpoint_path, "--device", "cpu", "--attention", "--out-dir", str(out_dir)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert run.returncode == 1
+    assert run.stderr == f"error: {bad}: not an image file Pillow can read\n"
+    lines = run.stdout.splitlines()
+    assert lines[0] == good
+    assert [line.split()[0] for line in lines[1:6]] == ["1.", "2.", "3.", "4.", "5."]
+    assert all(line.split()[1] in CLASSES and line.endswith("%") for line in lines[1:6])
+    with Image.open(out_dir / "good_attention.png") as image:
+        assert image.format == "PNG" and image.size == (6 * 150, 150)  # image, rollout, 4 heads
+    assert not (out_dir / "bad_attention.png").exists()
