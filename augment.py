@@ -20,7 +20,6 @@ a 256 scale rather than 255, and an operation fired when ``rand() < p`` rather t
 """
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -208,24 +207,25 @@ def _per_sample(values):
     return values.view(-1, 1, 1, 1)
 
 
-def _blend(images, other, factors):
-    """torchvision's ``_blend``: clamp(images * f + other * (1 - f)) truncated to uint8.
+def _blend(pixels, other, factors):
+    """torchvision's ``_blend``: clamp(pixels * f + other * (1 - f)), truncated to uint8.
 
-    torchvision computes ``images.mul(f).add_(other, alpha=1 - f)`` in float32, and the add with
-    alpha is a fused multiply-add (one rounding). With per-sample factors there is no fused op to
-    call, so the add is done in float64, where both terms and their sum are exact for uint8
-    data, and rounded to float32 once: the same value as the fused float32 result.
+    torchvision computes ``image.mul(f).add_(other, alpha=1 - f)`` in float32, and the add with
+    alpha is a fused multiply-add: one rounding. With per-sample factors there is no fused op to
+    call, so the add is done in float64, where for uint8 images the product and the sum are
+    exact (they need about 50 significant bits at most), and then rounded to float32 once.
+    ``pixels`` is the uint8 image as float32.
     """
     ratio = _per_sample(factors.to(torch.float32))
-    alpha = _per_sample((1.0 - factors).to(torch.float32))
-    scaled = images.to(torch.float32) * ratio
-    blended = (scaled.double() + other.double() * alpha.double()).to(torch.float32)
+    alpha = _per_sample((1.0 - factors).to(torch.float32)).double()
+    scaled = pixels * ratio
+    blended = scaled.double().add_(other.double() * alpha).to(torch.float32)
     return blended.clamp_(0, 255).to(torch.uint8)
 
 
-def _grayscale_floor(images):
+def _grayscale_floor(pixels):
     """torchvision's float32 luma (0.2989, 0.587, 0.114), floored as it does for uint8 input."""
-    red, green, blue = images.unbind(dim=1)
+    red, green, blue = pixels.unbind(dim=1)
     luma = red.mul(0.2989).add_(green, alpha=0.587).add_(blue, alpha=0.114)
     return luma.floor_().unsqueeze(1)
 
@@ -236,36 +236,37 @@ def _brightness(images, magnitudes, fill):
 
 
 def _color(images, magnitudes, fill):
-    return _blend(images, _grayscale_floor(images), 1.0 + magnitudes.double())
+    pixels = images.to(torch.float32)
+    return _blend(pixels, _grayscale_floor(pixels), 1.0 + magnitudes.double())
 
 
 def _contrast(images, magnitudes, fill):
-    mean = _grayscale_floor(images).mean(dim=(-3, -2, -1), keepdim=True)
-    return _blend(images, mean, 1.0 + magnitudes.double())
+    pixels = images.to(torch.float32)
+    mean = _grayscale_floor(pixels).mean(dim=(-3, -2, -1), keepdim=True)
+    return _blend(pixels, mean, 1.0 + magnitudes.double())
 
 
 def _sharpness(images, magnitudes, fill):
     """Blend with a 1-1-1/1-5-1/1-1-1 (÷13) blur on the interior; the one-pixel border is kept.
 
-    torchvision rounds a float32 convolution. Here the 3x3 weighted sum S is an exact integer and
-    the blur is round(S / 13): 13 is odd, so S / 13 is never within 1/26 of a .5 tie and float
-    error cannot change torchvision's rounding; both give the same blur.
+    torchvision rounds a float32 convolution. Here the weighted 3x3 sum S is exact (integers far
+    below 2**24) and the blur is round(S / 13): 13 is odd, so S / 13 is never within 1/26 of a
+    .5 tie and float error cannot change the rounding; both give the same blur.
     """
     height, width = images.shape[-2:]
     if height <= 2 or width <= 2:
         return images.clone()
-    pixels = images.to(torch.int16)
-    row_sums = pixels[..., :, :-2] + pixels[..., :, 1:-1] + pixels[..., :, 2:]
-    box_sums = row_sums[..., :-2, :] + row_sums[..., 1:-1, :] + row_sums[..., 2:, :]
+    pixels = images.to(torch.float32)
     interior = pixels[..., 1:-1, 1:-1]
-    weighted_sums = box_sums + 4 * interior
-    blurred = torch.div(2 * weighted_sums + 13, 26, rounding_mode="floor")
+    box_sums = F.avg_pool2d(pixels, kernel_size=3, stride=1, divisor_override=1)
+    blurred = box_sums.add_(interior, alpha=4).div_(13).round_()
 
-    # Same fused-multiply-add reasoning as in _blend: interior + (blurred - interior) * (1 - f).
+    # torchvision: interior + (blurred - interior) * (1 - f) as a fused float32 multiply-add; see
+    # _blend for why float64 gives the same value.
     alpha = _per_sample((1.0 - (1.0 + magnitudes.double())).to(torch.float32)).double()
-    sharpened = (interior.double() + (blurred - interior).double() * alpha).to(torch.float32)
+    sharpened = blurred.sub_(interior).double().mul_(alpha).add_(interior).to(torch.float32)
     output = images.clone()
-    output[..., 1:-1, 1:-1] = sharpened.clamp_(0, 255).to(torch.uint8)
+    output[..., 1:-1, 1:-1] = sharpened.clamp_(0, 255)
     return output
 
 
@@ -384,13 +385,12 @@ def _crop_flip(images, tops, lefts, flips, padding):
     """Zero-pad, crop back to the input size at (top, left), then mirror where ``flips``."""
     n, channels, height, width = images.shape
     padded = F.pad(images, (padding, padding, padding, padding))
-    padded_width = width + 2 * padding
+    # Every crop position as a view [n, top, left, C, H, W]; indexing copies one crop per image.
+    windows = padded.unfold(2, height, 1).unfold(3, width, 1).permute(0, 2, 3, 1, 4, 5)
+    crops = windows[torch.arange(n, device=images.device), tops, lefts]
     columns = torch.arange(width, device=images.device)
-    columns = torch.where(flips[:, None], columns.flip(0), columns) + lefts[:, None]
-    rows = torch.arange(height, device=images.device) + tops[:, None]
-    source = (rows[:, :, None] * padded_width + columns[:, None, :]).view(n, 1, height * width)
-    flat = padded.view(n, channels, -1)
-    return flat.gather(2, source.expand(n, channels, height * width)).view_as(images)
+    columns = torch.where(flips[:, None], columns.flip(0), columns)
+    return crops.gather(3, columns.view(n, 1, 1, width).expand(n, channels, height, width))
 
 
 def random_crop_flip(images: torch.Tensor, padding: int = 4, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -406,17 +406,15 @@ def random_crop_flip(images: torch.Tensor, padding: int = 4, generator: torch.Ge
 
 @functools.lru_cache(maxsize=16)
 def _policy_tables(height, width):
-    """Per (sub-policy, slot) tables: op ids, probabilities, unsigned magnitudes, signed flags."""
+    """Per (sub-policy, slot) tables: op ids, unsigned magnitudes, whether the op is signed."""
     op_ids = [[OPS.index(name) for name, _, _ in sub] for sub in CIFAR10_POLICY]
-    probabilities = [[p for _, p, _ in sub] for sub in CIFAR10_POLICY]
     magnitudes = [[magnitude(name, bin, (height, width)) for name, _, bin in sub] for sub in CIFAR10_POLICY]
     signed = [[name in _SIGNED_OPS for name, _, _ in sub] for sub in CIFAR10_POLICY]
-    return (
-        torch.tensor(op_ids),
-        torch.tensor(probabilities, dtype=torch.float32),
-        torch.tensor(magnitudes, dtype=torch.float64),
-        torch.tensor(signed),
-    )
+    return torch.tensor(op_ids), torch.tensor(magnitudes, dtype=torch.float64), torch.tensor(signed)
+
+
+# float32, like the torch.rand() value torchvision compares them with.
+_POLICY_PROBABILITIES = torch.tensor([[p for _, p, _ in sub] for sub in CIFAR10_POLICY], dtype=torch.float32)
 
 
 def _draw_policy(n, generator=None, device="cpu"):
@@ -427,8 +425,7 @@ def _draw_policy(n, generator=None, device="cpu"):
     used for signed operations).
     """
     sub_policies = torch.randint(0, len(CIFAR10_POLICY), (n,), generator=generator, device=device)
-    _, probabilities, _, _ = _policy_tables(32, 32)
-    thresholds = probabilities.to(device)[sub_policies]
+    thresholds = _POLICY_PROBABILITIES.to(device)[sub_policies]
     applies = torch.rand(n, 2, generator=generator, device=device) <= thresholds
     negates = torch.rand(n, 2, generator=generator, device=device) <= 0.5
     return sub_policies, applies, negates
@@ -437,7 +434,7 @@ def _draw_policy(n, generator=None, device="cpu"):
 def _slot_operations(sub_policies, applies, negates, height, width):
     """Operation id ([n, 2], ``_SKIP`` where not applied) and signed magnitude ([n, 2] float64)."""
     device = sub_policies.device
-    op_table, _, magnitude_table, signed_table = (t.to(device) for t in _policy_tables(height, width))
+    op_table, magnitude_table, signed_table = (t.to(device) for t in _policy_tables(height, width))
     op_ids = torch.where(applies, op_table[sub_policies], _SKIP)
     flip_sign = negates & signed_table[sub_policies]
     magnitudes = torch.where(flip_sign, -magnitude_table[sub_policies], magnitude_table[sub_policies])

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import pickle
 import tempfile
-import zipfile
+import warnings
 
 import torch
 
@@ -59,31 +59,61 @@ def load(path: str, map_location="cpu") -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist: check the path")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on odd pickles; the error below says what is wrong
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"checkpoint {path} was refused by safe (weights_only) loading, "
-                              f"it holds objects other than tensors and plain values: {first_line}") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        reason = _unpickling_reason(error)
+        if "GLOBAL" in reason:  # it names code or a class to import: what a malicious pickle needs
+            raise CheckpointError(f"checkpoint {path} was refused by safe (weights_only) loading: it would import "
+                                  f"code, not only tensors and plain values ({reason}); nothing in it was run") from None
+        raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint ({reason}): "
+                              f"use another file, e.g. checkpoints/best.pt") from None
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({error.strerror or error})") from None
+    except Exception as error:  # noqa: BLE001 - a torn or foreign file can fail anywhere inside the unpickler
         raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint "
                               f"({type(error).__name__}): use another file, e.g. checkpoints/best.pt") from None
-    if not isinstance(state, dict) or "model" not in state or "model_config" not in state:
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) \
+            or not isinstance(state.get("model_config"), dict):
         raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this project "
                               f"(no 'model' and 'model_config' entries)")
     return state
 
 
-def model_config_of(state: dict) -> ViTConfig:
+def _unpickling_reason(error: Exception) -> str:
+    """The line of torch's long weights_only error that says what was refused."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or line.startswith("Unsupported"):
+            return line.split(". ")[0].rstrip(".")
+    return lines[0] if lines else type(error).__name__
+
+
+def model_config_of(state: dict, path: str = "the checkpoint") -> ViTConfig:
     fields = {f.name for f in dataclasses.fields(ViTConfig)}
-    return ViTConfig(**{k: v for k, v in state["model_config"].items() if k in fields})
+    try:
+        return ViTConfig(**{k: v for k, v in state["model_config"].items() if k in fields})
+    except (TypeError, ValueError, AttributeError, KeyError) as error:
+        raise CheckpointError(f"{path} has an invalid model_config ({error})") from None
+
+
+def load_weights(model, state: dict, path: str = "the checkpoint") -> None:
+    """model.load_state_dict(state["model"]), with a CheckpointError when the weights do not fit."""
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, ValueError, AttributeError, KeyError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        detail = lines[1] if len(lines) > 1 else lines[0]  # after load_state_dict's "Error(s) in loading ..."
+        raise CheckpointError(f"{path}: the stored weights do not fit its model_config ({detail[:300]})") from None
 
 
 def load_model(path: str, device="cpu", attention: str | None = None):
     """The model stored in a checkpoint, in eval mode, and the checkpoint dict."""
     state = load(path)
-    config = model_config_of(state)
+    config = model_config_of(state, path)
     if attention is not None:
         config = dataclasses.replace(config, attention=attention)
     model = VisionTransformer(config)
-    model.load_state_dict(state["model"])
+    load_weights(model, state, path)
     return model.to(device).eval(), state

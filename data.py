@@ -78,9 +78,17 @@ def _read_folder(name: str, folder: str) -> Cifar:
     else:
         train_files, test_files = ["train"], ["test"]
         meta_file, label_key, names_key = "meta", b"fine_labels", b"fine_label_names"
-    classes = [c.decode() for c in _unpickle(folder, meta_file)[names_key]]
+    meta = _unpickle(folder, meta_file)
+    try:
+        classes = [c.decode() for c in meta[names_key]]
+    except (KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise DataError(f"{os.path.join(folder, meta_file)} has no list of class names under {names_key!r}: "
+                        f"replace it with the file from the official archive") from None
     train_images, train_labels = _read_batches(folder, train_files, label_key, len(classes))
     test_images, test_labels = _read_batches(folder, test_files, label_key, len(classes))
+    if not len(train_images) or not len(test_images):
+        raise DataError(f"{folder} holds {len(train_images)} training and {len(test_images)} test images: "
+                        f"both must be non-empty")
     return Cifar(train_images, train_labels, test_images, test_labels, classes)
 
 
@@ -91,10 +99,27 @@ def _unpickle(folder: str, file: str) -> dict:
                         f"or delete {folder} so it is downloaded")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            return _ArrayUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as error:
+        raise DataError(f"{path} is not a CIFAR batch ({error}); it was not run: "
+                        f"replace it with the file from the official archive") from None
     except Exception as error:
         raise DataError(f"{path} is not a readable CIFAR batch ({type(error).__name__}): "
                         f"replace it with the file from the official archive") from None
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles CIFAR batches (dicts, lists, numpy arrays) and refuses every other class or function,
+    so a tampered batch file cannot run code when it is read."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")} | {
+        (module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")} | {
+        (module, "_frombuffer") for module in ("numpy.core.numeric", "numpy._core.numeric")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it would import {module}.{name}, which a CIFAR batch never needs")
+        return super().find_class(module, name)
 
 
 def _read_batches(folder: str, files: list, label_key: bytes, num_classes: int):
@@ -102,10 +127,13 @@ def _read_batches(folder: str, files: list, label_key: bytes, num_classes: int):
     for file in files:
         batch = _unpickle(folder, file)
         path = os.path.join(folder, file)
-        if b"data" not in batch or label_key not in batch:
+        if not isinstance(batch, dict) or b"data" not in batch or label_key not in batch:
             raise DataError(f"{path} has no {b'data'!r} or {label_key!r} entry: not a CIFAR batch file")
         data = np.asarray(batch[b"data"])
-        batch_labels = np.asarray(batch[label_key], dtype=np.int64)
+        try:
+            batch_labels = np.asarray(batch[label_key], dtype=np.int64).reshape(-1)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: its {label_key!r} are not integer class labels") from None
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch_labels):
             raise DataError(f"{path} holds data of shape {data.shape} and dtype {data.dtype} with "
                             f"{len(batch_labels)} labels; expected uint8 [N, 3072] with N labels")
@@ -155,6 +183,7 @@ class DeviceTrainLoader:
     def __init__(self, images, labels, batch_size, seed, device, augment=True, rank=0, world=1, chunk=10_000):
         self.images = images.to(device)
         self.labels = labels.to(device)
+        self.num_samples = len(images)
         self.batch_size, self.seed, self.device = batch_size, seed, torch.device(device)
         self.augment, self.rank, self.world, self.chunk = augment, rank, world, chunk
 
@@ -202,6 +231,13 @@ class _PILDataset(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[index])), self.labels[index]
 
 
+def _collate(samples):
+    """default_collate, and the empty batch of a rank whose share of a last partial global batch is empty."""
+    if not samples:
+        return torch.zeros(0, 3, 32, 32, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
+    return torch.utils.data.default_collate(samples)
+
+
 class TorchvisionTrainLoader:
     """The reference pipeline: a DataLoader with worker processes running `torchvision_train_transform`."""
 
@@ -218,7 +254,7 @@ class TorchvisionTrainLoader:
         # The generator seeds the workers' (and, with no workers, the main process's) augmentation draws.
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, self.rank))
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=plan, num_workers=self.workers,
-                                             pin_memory=self.pin_memory, generator=generator)
+                                             pin_memory=self.pin_memory, generator=generator, collate_fn=_collate)
         if self.workers == 0:
             torch.manual_seed(epoch_seed(self.seed, epoch, self.rank))
         yield from loader

@@ -41,6 +41,7 @@ count = _number(int, minimum=0)
 positive_float = _number(float, above=0)
 non_negative_float = _number(float, minimum=0)
 fraction = _number(float, minimum=0, below=1)
+seed = _number(int, minimum=0, below=2 ** 63)  # torch.manual_seed's range
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--beta1", type=fraction, default=0.9)
     train.add_argument("--beta2", type=fraction, default=0.999)
     train.add_argument("--label-smoothing", type=fraction, default=0.1)
-    train.add_argument("--seed", type=count, default=0)
+    train.add_argument("--seed", type=seed, default=0)
 
     model = p.add_argument_group("model")
     model.add_argument("--layers", type=positive_int, default=7)
@@ -135,6 +136,10 @@ def main(argv=None) -> int:
         print(f"error: {error}" if not isinstance(error, trainer.TrainingStopped) else str(error),
               file=sys.stderr, flush=True)
         return getattr(error, "exit_code", 2)
+    except OSError as error:  # a file or folder that cannot be read or written, e.g. a full disk
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}", file=sys.stderr, flush=True)
+        return 1
     finally:
         trainer.shutdown_distributed()
     return 0

@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import math
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -209,14 +210,14 @@ class Trainer:
 
     def fit(self) -> dict:
         args = self.args
-        cifar = data.load_cifar(args.dataset, args.data_dir)
-        self.classes = cifar.classes
-        resume_state = self.resume_state()
-        self.build(cifar.num_classes, checkpoint.model_config_of(resume_state) if resume_state else None)
-        if resume_state:
-            self.check_resume_config(resume_state, cifar.num_classes)
+        resume_state = self.resume_state()  # checkpoint and out-dir problems show before the data is read
         if self.is_main:
             self.probe_out_dir()
+        cifar = data.load_cifar(args.dataset, args.data_dir)
+        self.classes = cifar.classes
+        if resume_state:
+            self.check_resume_config(resume_state, cifar.num_classes)
+        self.build(cifar.num_classes, checkpoint.model_config_of(resume_state, self.resume_path) if resume_state else None)
         loader = self.make_train_loader(cifar)
         steps_per_epoch = loader.steps()
         total_steps = args.epochs * steps_per_epoch
@@ -237,6 +238,8 @@ class Trainer:
                 row = self.train_epoch(epoch, loader, steps_per_epoch, total_steps, warmup_steps,
                                        position if epoch == start_epoch else None)
                 test_loss, test_acc, predictions = self.evaluate(test_images, test_labels)
+                if not math.isfinite(test_loss):  # finite but huge weights: caught before they are saved
+                    raise self.non_finite("test loss after the update", epoch, steps_per_epoch)
                 row.update(test_loss=test_loss, test_acc=test_acc, epoch_seconds=time.time() - row.pop("start"))
                 self.end_epoch(row)
         finally:
@@ -279,11 +282,11 @@ class Trainer:
             if progress is not None:
                 progress.update(1)
             if self.stop_requested(step_in_epoch):
-                self.check_finite(non_finite, epoch)
+                self.check_finite(non_finite, epoch, step_in_epoch + 1)
                 self.stop_mid_epoch(epoch, step_in_epoch + 1, sums, time.time() - start)
         if progress is not None:
             progress.close()
-        self.check_finite(non_finite, epoch)
+        self.check_finite(non_finite, epoch, steps_per_epoch)
         train_seconds = time.time() - train_start
         loss_sum, correct, seen = self.all_reduce(sums).tolist()
         seen_this_session = seen - (position["sums"][2].item() if position else 0)
@@ -304,12 +307,21 @@ class Trainer:
             self.stop_signal = signum
         return bool(signum)
 
-    def check_finite(self, non_finite, epoch):
+    def check_finite(self, non_finite, epoch, steps_done):
+        """Stop before anything is saved when a loss so far, or the weights after step `steps_done`, are NaN/inf."""
         bad = self.all_reduce(non_finite.float(), dist.ReduceOp.MAX).nonzero()
         if len(bad):
-            raise TrainingStopped(f"non-finite training loss at epoch {epoch}, step {int(bad[0]) + 1}: stopped; "
-                                  f"the last good checkpoint is {os.path.join(self.checkpoint_dir, 'last.pt')} "
-                                  f"(try a lower --lr)")
+            what, step = "training loss", int(bad[0]) + 1
+        elif not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
+            what, step = "weights after the update", steps_done  # identical on every rank
+        else:
+            return
+        raise self.non_finite(what, epoch, step)
+
+    def non_finite(self, what, epoch, step):
+        last = os.path.join(self.checkpoint_dir, "last.pt")
+        kept = f"the last good checkpoint is {last}" if os.path.isfile(last) else "no checkpoint was written"
+        return TrainingStopped(f"non-finite {what} at epoch {epoch}, step {step}: stopped; {kept} (try a lower --lr)")
 
     def progress_bar(self, epoch, steps, done):
         if not (self.is_main and sys.stderr.isatty()):
@@ -331,8 +343,12 @@ class Trainer:
                  f"{row['epoch_seconds']:.1f}s | {row['images_per_second']:,.0f} img/s")
         if not self.is_main:
             return
-        self.write_metrics()
-        self.plot()
+        try:
+            self.write_metrics()
+            self.plot()
+        except OSError as error:
+            raise TrainingStopped(f"could not write {error.filename or self.out_dir} ({error.strerror or error}): "
+                                  f"free disk space or choose another --out-dir; the previous files are intact") from None
         state = self.state(epoch, position=None)
         self.save(state, "last.pt")
         if improved:
@@ -384,8 +400,11 @@ class Trainer:
                                   f"another --out-dir; the previous {name} is intact") from None
 
     def probe_out_dir(self):
-        os.makedirs(self.checkpoint_dir, exist_ok=True)
         try:
+            os.makedirs(self.checkpoint_dir, exist_ok=True)
+            for name in os.listdir(self.checkpoint_dir):  # partial files of a save that was killed (SIGKILL)
+                if name.startswith(".tmp-") and os.path.isfile(os.path.join(self.checkpoint_dir, name)):
+                    os.remove(os.path.join(self.checkpoint_dir, name))
             with tempfile.TemporaryFile(dir=self.checkpoint_dir) as f:
                 f.write(b"\0" * 4096)
                 f.flush()
@@ -404,13 +423,23 @@ class Trainer:
                 self.log(f"--resume auto: no {path}, starting a new run")
                 return None
         state = checkpoint.load(path)
+        self.resume_path = path
         for key in ("optimizer", "scheduler", "history", "rng", "epoch"):
             if key not in state:
                 raise checkpoint.CheckpointError(f"{path} holds a model but no training state ({key!r} missing): "
                                                  f"it can be evaluated (--eval-only) but not resumed")
-        self.log(f"resuming from {path} (epoch {state['epoch']} done"
-                 f"{', stopped at step %d of the next' % state['scheduler']['position']['step'] if state['scheduler']['position'] else ''})")
+        try:
+            position = state["scheduler"]["position"]
+            stopped = f", stopped at step {int(position['step'])} of the next" if position is not None else ""
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise self.malformed(error) from None
+        self.log(f"resuming from {path} (epoch {state['epoch']} done{stopped})")
         return state
+
+    def malformed(self, error):
+        return checkpoint.CheckpointError(f"{self.resume_path} has a malformed training state ({type(error).__name__}: "
+                                          f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}): "
+                                          f"resume from another checkpoint or start a new --out-dir")
 
     def check_resume_config(self, state, num_classes):
         wanted = dataclasses.asdict(model_config_from_args(self.args, num_classes))
@@ -418,21 +447,28 @@ class Trainer:
         differing = [f"{k}: checkpoint {stored.get(k)!r}, flags {v!r}" for k, v in wanted.items()
                      if k != "attention" and stored.get(k) != v]
         if differing:
-            raise checkpoint.CheckpointError("the checkpoint's model differs from the flags (" + "; ".join(differing)
+            raise checkpoint.CheckpointError(f"{self.resume_path}: the checkpoint's model differs from the flags ("
+                                             + "; ".join(differing)
                                              + "): resume with the original flags or start a new --out-dir")
 
     def restore(self, state):
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.history = list(state["history"])
-        self.best_acc, self.best_epoch = state["best_acc"], state["best_epoch"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if self.use_cuda and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        position = state["scheduler"]["position"]
-        if position is not None:
-            return position["epoch"], position
-        return state["epoch"] + 1, None
+        checkpoint.load_weights(self.model, state, self.resume_path)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.history = list(state["history"])
+            self.best_acc, self.best_epoch = state["best_acc"], state["best_epoch"]
+            torch.set_rng_state(state["rng"]["torch"])
+            if self.use_cuda and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+            position = state["scheduler"]["position"]
+            if position is not None:
+                if not isinstance(position["sums"], torch.Tensor) or position["sums"].shape != (3,):
+                    raise ValueError("scheduler.position.sums is not a tensor of 3 running sums")
+                float(position["seconds"]), int(position["step"])  # noqa: B018 - present and numbers
+                return int(position["epoch"]), position
+            return int(state["epoch"]) + 1, None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
+            raise self.malformed(error) from None
 
     # ------------------------------------------------------------------------------------ signals
 
@@ -462,7 +498,14 @@ class Trainer:
         position = {"epoch": epoch, "step": steps_done, "sums": self.all_reduce(sums.clone()).cpu(), "seconds": seconds}
         if self.is_main:
             self.save(self.state(epoch - 1, position), "last.pt")
-        resume = " ".join(a for a in sys.argv if a != "--resume" and not a.startswith("--resume="))
+        argv, value_next = [], False
+        for arg in sys.argv:  # the command line less any --resume PATH (or an abbreviation, or --resume=PATH)
+            name = arg.split("=", 1)[0]
+            if value_next or (len(name) > 2 and "--resume".startswith(name)):
+                value_next = not value_next and "=" not in arg
+                continue
+            argv.append(arg)
+        resume = shlex.join(argv)
         raise TrainingStopped(f"stopped by {signal.Signals(self.stop_signal).name} at epoch {epoch}, step {steps_done}; "
                               f"saved {os.path.join(self.checkpoint_dir, 'last.pt')}; continue with: "
                               f"python {resume} --resume auto", 128 + self.stop_signal)
@@ -472,15 +515,17 @@ class Trainer:
     def evaluate_checkpoint(self) -> dict:
         args = self.args
         state = checkpoint.load(args.checkpoint)
+        config = checkpoint.model_config_of(state, args.checkpoint)
+        self.model = VisionTransformer(config)
+        checkpoint.load_weights(self.model, state, args.checkpoint)  # before the (possibly long) data loading
         cifar = data.load_cifar(args.dataset, args.data_dir)
-        config = checkpoint.model_config_of(state)
         if config.num_classes != cifar.num_classes:
             raise checkpoint.CheckpointError(f"{args.checkpoint} predicts {config.num_classes} classes but {args.dataset} "
                                              f"has {cifar.num_classes}: pass the --dataset it was trained on")
         self.model_config, self.classes = config, cifar.classes
-        self.model = VisionTransformer(config).to(self.device)
-        self.model.load_state_dict(state["model"])
+        self.model = self.model.to(self.device)
         self.network = self.model
+        self.loss_and_predictions = self._loss_and_predictions  # (build() is not called for eval-only)
         test_loss, test_acc, predictions = self.evaluate(cifar.test_images, cifar.test_labels)
         self.log(f"eval {args.checkpoint} (epoch {state.get('epoch', '?')}): test loss {test_loss:.4f} "
                  f"acc {test_acc:.2f}% on {len(cifar.test_images):,} {args.dataset} test images")
@@ -505,8 +550,10 @@ class _atomic_text:
         return self.file
 
     def __exit__(self, kind, value, traceback):
-        self.file.close()
-        if kind is None:
-            os.replace(self.tmp, self.path)
-        else:
-            os.remove(self.tmp)
+        try:
+            self.file.close()  # flushes: a full disk can fail here too
+            if kind is None:
+                os.replace(self.tmp, self.path)
+        finally:
+            if os.path.exists(self.tmp):  # a failed write or rename leaves no temp file behind
+                os.remove(self.tmp)

@@ -11,15 +11,15 @@ export PYTHONUNBUFFERED=1
 python3 .device/unpack_jpeg.py .device/cifar10-jpeg75.npz /tmp/data || exit 1
 
 start=$(date +%s)
-timeout "${FULL_RUN_SECONDS:-330}" python3 main.py --data-dir /tmp/data --out-dir /tmp/full > "$out/full_run.log" 2>&1
+timeout "${FULL_RUN_SECONDS:-250}" python3 main.py --data-dir /tmp/data --out-dir /tmp/full > "$out/full_run.log" 2>&1
 echo "full run: exit $?, $(( $(date +%s) - start )) s wall (model build, compile and final report included)" | tee -a "$out/full_run.log"
 for f in metrics.csv results.png attention.png; do cp "/tmp/full/$f" "$out/" 2>/dev/null; done
 
-timeout "${BENCH_SECONDS:-130}" python3 bench.py --device cuda --data-dir /tmp/data --json "$out/bench.json" \
+timeout "${BENCH_SECONDS:-90}" python3 bench.py --device cuda --data-dir /tmp/data --json "$out/bench.json" --steps 200 --warmup 20 \
     --out-dir /tmp/bench > "$out/bench.log" 2>&1
 echo "bench: exit $?" | tee -a "$out/bench.log"
 
-timeout "${TEST_SECONDS:-90}" python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider >> "$out/tests.log" 2>&1
+timeout "${TEST_SECONDS:-60}" python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider >> "$out/tests.log" 2>&1
 echo "cuda tests: exit $?" | tee -a "$out/tests.log"
 
 echo "==== summary"

@@ -1,0 +1,232 @@
+"""data.py: reading CIFAR folders, the missing-data message, the torchvision transform, the epoch plans and
+both training loaders."""
+import os
+import pickle
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from conftest import write_fake_cifar
+
+
+def _known_row():
+    """One CIFAR row (3072 bytes) whose every byte says where it is: row[c*1024 + y*32 + x] = (c*7 + y*3 + x) % 256."""
+    c, y, x = np.meshgrid(np.arange(3), np.arange(32), np.arange(32), indexing="ij")
+    return ((c * 7 + y * 3 + x) % 256).astype(np.uint8).reshape(-1), (c, y, x)
+
+
+def _replace_first_image(folder, file, row, label, label_key=b"labels"):
+    path = os.path.join(folder, file)
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    batch[b"data"][0] = row
+    batch[label_key][0] = label
+    with open(path, "wb") as f:
+        pickle.dump(batch, f)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+def test_load_cifar10_reads_shapes_types_classes_and_pixel_layout(tmp_path):
+    folder = write_fake_cifar(str(tmp_path), "cifar10", train_per_batch=12, test=7)
+    row, (c, y, x) = _known_row()
+    _replace_first_image(folder, "data_batch_1", row, 3)
+    # the first image of the second batch follows the 12 images of the first
+    _replace_first_image(folder, "data_batch_2", np.full(3072, 201, np.uint8), 9)
+    cifar = data.load_cifar("cifar10", str(tmp_path), download=False)
+    assert cifar.train_images.shape == (60, 3, 32, 32) and cifar.train_images.dtype == torch.uint8
+    assert cifar.test_images.shape == (7, 3, 32, 32) and cifar.test_images.dtype == torch.uint8
+    assert cifar.train_labels.shape == (60,) and cifar.train_labels.dtype == torch.int64
+    assert cifar.test_labels.dtype == torch.int64
+    assert cifar.classes == [f"class{i}" for i in range(10)] and cifar.num_classes == 10
+    image = cifar.train_images[0].numpy()
+    # the first 1024 bytes are the red plane, row-major: image[c, y, x] = row[c*1024 + y*32 + x]
+    np.testing.assert_array_equal(image, row.reshape(3, 32, 32))
+    np.testing.assert_array_equal(image, (c * 7 + y * 3 + x) % 256)
+    assert image[0, 0, 1] == 1 and image[0, 1, 0] == 3 and image[1, 0, 0] == 7 and image[2, 31, 31] == (14 + 93 + 31)
+    assert int(cifar.train_labels[0]) == 3
+    assert int(cifar.train_labels[12]) == 9 and (cifar.train_images[12] == 201).all()
+    # the fake data's red plane encodes the class (conftest): labels stay with their images
+    red = cifar.test_images[:, 0].flatten(1)
+    assert torch.equal(red[:, 0].long(), cifar.test_labels * 25)
+
+
+def test_load_cifar100_uses_fine_labels_and_names(tmp_path):
+    folder = write_fake_cifar(str(tmp_path), "cifar100", train_per_batch=8, test=9)
+    row, _ = _known_row()
+    _replace_first_image(folder, "test", row, 87, label_key=b"fine_labels")
+    cifar = data.load_cifar("cifar100", str(tmp_path), download=False)
+    assert cifar.train_images.shape == (40, 3, 32, 32) and cifar.train_images.dtype == torch.uint8
+    assert cifar.test_images.shape == (9, 3, 32, 32)
+    assert cifar.train_labels.dtype == torch.int64 and cifar.num_classes == 100
+    assert cifar.classes[0] == "class0" and cifar.classes[99] == "class99"
+    np.testing.assert_array_equal(cifar.test_images[0].numpy(), row.reshape(3, 32, 32))
+    assert int(cifar.test_labels[0]) == 87
+
+
+def test_unknown_dataset_is_a_data_error(tmp_path):
+    with pytest.raises(data.DataError, match="unknown dataset 'imagenet'"):
+        data.load_cifar("imagenet", str(tmp_path))
+
+
+def test_missing_folder_without_download_names_the_folder(tmp_path):
+    with pytest.raises(data.DataError) as info:
+        data.load_cifar("cifar10", str(tmp_path), download=False)
+    assert os.path.join(str(tmp_path), "cifar-10-batches-py") in str(info.value)
+
+
+@pytest.mark.parametrize("dataset, folder, error", [
+    ("cifar10", "cifar-10-batches-py", urllib.error.URLError("[Errno -3] Temporary failure in name resolution")),
+    ("cifar100", "cifar-100-python", OSError(101, "Network is unreachable")),
+])
+def test_missing_folder_when_download_fails_gives_a_one_line_fix(tmp_path, monkeypatch, dataset, folder, error):
+    import torchvision
+
+    calls = []
+
+    def offline(root, train=True, download=False, **kwargs):
+        calls.append((root, train, download))
+        raise error
+
+    # no real network access: both dataset classes fail as they would offline
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
+    data_dir = str(tmp_path / "nowhere")
+    with pytest.raises(data.DataError) as info:
+        data.load_cifar(dataset, data_dir)
+    message = str(info.value)
+    assert calls and calls[0][0] == data_dir and calls[0][2] is True
+    assert "\n" not in message
+    assert os.path.join(data_dir, folder) in message  # which folder is missing
+    assert "--data-dir" in message and "offline" in message  # how to fix it
+    assert type(error).__name__ in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_partial_folder_names_the_missing_file(tmp_path):
+    folder = write_fake_cifar(str(tmp_path), train_per_batch=2, test=2)
+    os.remove(os.path.join(folder, "data_batch_3"))
+    with pytest.raises(data.DataError, match="data_batch_3 is missing"):
+        data.load_cifar("cifar10", str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------- transforms
+
+def test_torchvision_transform_and_normalize_match_torchvision():
+    from torchvision import transforms
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    augmented = data.torchvision_train_transform()(image)
+    assert augmented.shape == (3, 32, 32) and augmented.dtype == torch.uint8
+    normalized = data.normalize(augmented[None])[0]
+    assert normalized.dtype == torch.float32 and normalized.shape == (3, 32, 32)
+    reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize(data.MEAN, data.STD)])
+    # normalize on the raw image and on the augmented one, against ToTensor + Normalize of the same pixels
+    torch.testing.assert_close(data.normalize(transforms.PILToTensor()(image)[None])[0], reference(image),
+                               rtol=0, atol=1e-6)
+    augmented_pil = Image.fromarray(augmented.permute(1, 2, 0).numpy())
+    torch.testing.assert_close(normalized, reference(augmented_pil), rtol=0, atol=1e-6)
+    assert data.normalize(augmented[None], torch.bfloat16).dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------- epoch plans
+
+def test_epoch_batches_is_a_permutation_with_the_last_partial_batch_kept():
+    plan = data.EpochBatches(50, 16, seed=0, epoch=1)
+    batches = list(plan)
+    assert [len(b) for b in batches] == [16, 16, 16, 2] and len(plan) == 4
+    assert sorted(i for b in batches for i in b) == list(range(50))
+    assert plan.indices().tolist() == [i for b in batches for i in b]
+    assert plan.indices().tolist() != list(range(50))  # shuffled
+
+
+def test_epoch_batches_differ_between_epochs_and_repeat_for_the_same_seed_and_epoch():
+    orders = {epoch: data.EpochBatches(50, 16, seed=3, epoch=epoch).indices().tolist() for epoch in (1, 2, 3)}
+    assert orders[1] != orders[2] != orders[3] != orders[1]
+    assert data.EpochBatches(50, 16, seed=3, epoch=2).indices().tolist() == orders[2]
+    assert data.EpochBatches(50, 16, seed=4, epoch=2).indices().tolist() != orders[2]
+
+
+@pytest.mark.parametrize("num_samples, batch_size", [(50, 16), (64, 8), (7, 4)])
+def test_epoch_batches_shards_are_disjoint_and_cover_everything(num_samples, batch_size):
+    whole = data.EpochBatches(num_samples, batch_size, seed=0, epoch=5)
+    ranks = [data.EpochBatches(num_samples, batch_size, seed=0, epoch=5, rank=r, world=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(whole)  # every rank takes the same number of steps
+    shards = [set(r.indices().tolist()) for r in ranks]
+    assert not shards[0] & shards[1]
+    assert shards[0] | shards[1] == set(range(num_samples))
+    for step, batch in enumerate(whole.batches):  # each global batch is split between the ranks
+        assert torch.equal(torch.cat([ranks[0].batches[step], ranks[1].batches[step]]), batch)
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+
+def _label_coded(n):
+    """Images whose every pixel is the image's label, so a batch shows whether labels follow their images."""
+    labels = torch.arange(n, dtype=torch.int64)
+    images = labels.to(torch.uint8).view(n, 1, 1, 1).expand(n, 3, 32, 32).contiguous()
+    return images, labels
+
+
+def test_device_train_loader_keeps_labels_with_images_and_is_deterministic():
+    images, labels = _label_coded(50)
+    loader = data.DeviceTrainLoader(images, labels, 16, seed=0, device="cpu", augment=False)
+    assert loader.steps() == 4
+    batches = list(loader.epoch(1))
+    assert [len(y) for _, y in batches] == [16, 16, 16, 2]
+    for x, y in batches:
+        assert x.dtype == torch.uint8 and x.shape[1:] == (3, 32, 32) and y.dtype == torch.int64
+        assert torch.equal(x.long(), y.view(-1, 1, 1, 1).expand_as(x))
+    seen = torch.cat([y for _, y in batches])
+    assert sorted(seen.tolist()) == list(range(50))
+    assert torch.equal(seen, data.EpochBatches(50, 16, 0, 1).indices())
+    again = torch.cat([y for _, y in data.DeviceTrainLoader(images, labels, 16, 0, "cpu", augment=False).epoch(1)])
+    assert torch.equal(again, seen)
+    assert not torch.equal(torch.cat([y for _, y in loader.epoch(2)]), seen)
+
+
+def test_device_train_loader_augments_deterministically_per_seed_and_epoch():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(20)
+
+    def epoch(seed, number):
+        loader = data.DeviceTrainLoader(images, labels, 8, seed=seed, device="cpu", chunk=7)
+        batches = list(loader.epoch(number))
+        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+    x, y = epoch(0, 1)
+    assert x.dtype == torch.uint8 and x.shape == (20, 3, 32, 32)
+    assert not torch.equal(x, images[y])  # augmented
+    x2, y2 = epoch(0, 1)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    x3, _ = epoch(0, 2)
+    assert not torch.equal(x3, x)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_torchvision_train_loader_yields_every_sample_deterministically(workers):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (20, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(20)
+
+    def epoch(number):
+        loader = data.TorchvisionTrainLoader(images, labels, 8, seed=0, workers=workers, pin_memory=False)
+        assert loader.steps() == 3
+        batches = list(loader.epoch(number))
+        assert [len(y) for _, y in batches] == [8, 8, 4]
+        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+    x, y = epoch(1)
+    assert x.dtype == torch.uint8 and x.shape == (20, 3, 32, 32)
+    assert torch.equal(y, data.EpochBatches(20, 8, 0, 1).indices())  # every sample once, in the plan's order
+    x2, y2 = epoch(1)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    x3, y3 = epoch(2)
+    assert not torch.equal(y3, y) and not torch.equal(x3, x)

@@ -1,0 +1,820 @@
+"""Runs that survive: killed runs, full disks and hostile inputs.
+
+- Checkpoints are written atomically (a failure mid-write, or SIGKILL while saving, leaves the previous
+  file loadable and resuming works).
+- SIGTERM / SIGINT finish the step, save last.pt mid-epoch, say how to resume and exit 128+signum; a
+  second signal exits at once; SIGHUP is ignored. A resumed run is bit-identical to an uninterrupted one.
+- Non-finite losses, unwritable out-dirs and full disks stop the run with one clear line and keep the
+  last good checkpoint; hostile checkpoints, data folders and flags are refused with one clear line,
+  before any training, and without touching the run's files.
+
+Most cases call main.main() in this process (fast); the signal tests run main.py as a subprocess.
+"""
+import contextlib
+import csv
+import errno
+import hashlib
+import io
+import os
+import pickle
+import queue
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY_MODEL, run_main, write_fake_cifar
+
+import checkpoint
+import data
+import main
+import trainer
+
+TINY = [*TINY_MODEL, "--patch-size", "8", "--device", "cpu", "--eval-batch-size", "100"]
+WALL_CLOCK = {"epoch_seconds", "images_per_second"}
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # 2 shared cores: threads only contend
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_args(data_dir, out_dir, *extra, epochs=1, batch_size=16):
+    return [*TINY, "--data-dir", str(data_dir), "--out-dir", str(out_dir), "--epochs", str(epochs),
+            "--warmup-epochs", "0", "--batch-size", str(batch_size), *extra]
+
+
+def snapshot(folder):
+    """{relative path: sha256} of every file under folder."""
+    files = {}
+    for base, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(base, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return files
+
+
+def temp_files(folder):
+    return [os.path.join(base, name) for base, _, names in os.walk(folder) for name in names
+            if name.startswith(".tmp-")]
+
+
+def one_line_error(err, *fragments):
+    """The run's stderr is exactly one line (no traceback, no warning) that holds every fragment."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def usage_error(err, *fragments):
+    """argparse's error: usage lines, then one `prog: error: ...` line holding every fragment."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and ": error: " in lines[-1], err
+    assert all(line.startswith(("usage:", " ")) for line in lines[:-1]), err
+    for fragment in fragments:
+        assert fragment in lines[-1], f"{fragment!r} not in {lines[-1]!r}"
+    return lines[-1]
+
+
+def metric_rows(out_dir):
+    with open(os.path.join(out_dir, "metrics.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def model_of(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """main.main(argv) in this process -> (exit status, stdout, stderr); the end-of-run figures are skipped."""
+    monkeypatch.setattr(trainer.Trainer, "write_report", lambda self, *args, **kwargs: None)
+
+    def run(argv):
+        try:
+            status = main.main(argv)
+        except SystemExit as exit_:  # argparse errors
+            status = exit_.code
+        out, err = capsys.readouterr()
+        return status, out, err
+    return run
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fails the test if training starts: errors must come before any long work."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started although the input should have been refused")
+    monkeypatch.setattr(trainer.Trainer, "train_epoch", refuse)
+
+
+def no_data_patch(monkeypatch):
+    """Fails the test if the data set is read (or downloaded): checkpoint and out-dir errors come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data set was read although the run should have stopped before")
+    monkeypatch.setattr(data, "load_cifar", refuse)
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    no_data_patch(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def fake_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    write_fake_cifar(str(folder))  # 200 train / 50 test
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, fake_data):
+    """A finished 1-epoch run (metrics.csv, checkpoints/last.pt and best.pt); copy it before changing it."""
+    out_dir = str(tmp_path_factory.mktemp("trained") / "run")
+    threads, log = torch.get_num_threads(), io.StringIO()
+    torch.set_num_threads(1)
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        patch.setattr(trainer.Trainer, "write_report", lambda self, *args, **kwargs: None)
+        status = main.main(train_args(fake_data, out_dir))
+    torch.set_num_threads(threads)
+    assert status == 0, log.getvalue()
+    return out_dir
+
+
+@pytest.fixture
+def run_dir(tmp_path, trained_run):
+    out_dir = str(tmp_path / "run")
+    shutil.copytree(trained_run, out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------- atomic saves
+
+def test_failure_mid_write_leaves_previous_checkpoint(run_dir, monkeypatch):
+    last = os.path.join(run_dir, "checkpoints", "last.pt")
+    before = snapshot(run_dir)
+    state = checkpoint.load(last)
+    state["epoch"] = 99
+
+    def half_then_fail(obj, f, *args, **kwargs):  # the disk fills up halfway through the file
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", half_then_fail)
+    with pytest.raises(OSError):
+        checkpoint.save(state, last)
+    monkeypatch.undo()
+
+    assert snapshot(run_dir) == before  # same bytes, and no temp file left behind
+    assert checkpoint.load(last)["epoch"] == 1
+
+
+SAVE_LOOP = """
+import sys
+sys.path.insert(0, {root!r})
+import torch, checkpoint
+state = checkpoint.load({path!r})
+state["padding"] = torch.ones(4_000_000)  # 16 MB: the kill often lands inside a write
+i = 0
+while True:
+    i += 1
+    state["padding"].fill_(i)
+    checkpoint.save(state, {path!r})
+    print("saved", i, flush=True)
+"""
+
+
+def test_sigkill_while_saving_leaves_a_loadable_checkpoint_and_resume_works(run_dir, fake_data, cli):
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    last = os.path.join(ckpt_dir, "last.pt")
+    weights = model_of(last)
+    code = SAVE_LOOP.format(root=ROOT, path=last)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, **ONE_THREAD})
+    try:
+        for _ in range(3):
+            assert proc.stdout.readline().startswith("saved"), "the save loop died"
+    finally:
+        proc.kill()  # SIGKILL: no handler, no cleanup
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    state = checkpoint.load(last)  # whichever save won, it is whole
+    assert state["epoch"] == 1
+    assert_same_tensors(state["model"], weights)
+    # A torn temp file (what a kill inside a write leaves) must not disturb --resume auto.
+    with open(os.path.join(ckpt_dir, ".tmp-last.pt-killed"), "wb") as f:
+        f.write(b"PK\x03\x04 half a checkpoint")
+
+    status, out, err = cli(train_args(fake_data, run_dir, "--resume", "auto", epochs=3))
+    assert status == 0, err
+    assert f"resuming from {last}" in out
+    assert [row["epoch"] for row in metric_rows(run_dir)] == ["1", "2", "3"]
+    assert checkpoint.load(last)["epoch"] == 3
+    assert temp_files(run_dir) == []  # leftovers of the killed save were cleared at start
+
+
+# ---------------------------------------------------------------------------------------------- signals
+
+@pytest.fixture(scope="module")
+def signal_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("signal_data")
+    write_fake_cifar(str(folder), train_per_batch=80)  # 400 images: 50 steps of 8 per epoch
+    return str(folder)
+
+
+class Run:
+    """main.py in a subprocess whose stdout is read line by line."""
+
+    def __init__(self, args):
+        self.proc = subprocess.Popen([sys.executable, "-u", os.path.join(ROOT, "main.py"), *args], cwd=ROOT,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **ONE_THREAD})
+        self.lines, self.stdout_lines, self.stderr_chunks = queue.Queue(), [], []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.stderr_reader = threading.Thread(target=lambda: self.stderr_chunks.append(self.proc.stderr.read()),
+                                              daemon=True)
+        self.stderr_reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, text, timeout=120):
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            if line is None:
+                raise AssertionError(f"main.py ended before printing {text!r}: {''.join(self.stdout_lines)}"
+                                     f"{self.stderr()}")
+            self.stdout_lines.append(line)
+            if text in line:
+                return line
+
+    def finish(self, timeout=180):
+        self.proc.wait(timeout=timeout)
+        while (line := self.lines.get(timeout=30)) is not None:
+            self.stdout_lines.append(line)
+        return self.proc.returncode, "".join(self.stdout_lines), self.stderr()
+
+    def stderr(self):
+        self.stderr_reader.join(timeout=30 if self.proc.poll() is not None else 0)
+        return "".join(self.stderr_chunks)
+
+
+def comparable(rows):
+    return [{k: v for k, v in row.items() if k not in WALL_CLOCK} for row in rows]
+
+
+def assert_same_run(dir_a, dir_b):
+    """The final weights and optimizer state are bit-identical, and so are the metrics but for wall-clock times."""
+    a = torch.load(os.path.join(dir_a, "checkpoints", "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(dir_b, "checkpoints", "last.pt"), weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3
+    assert_same_tensors(a["model"], b["model"])
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for key in a["optimizer"]["state"]:
+        assert_same_tensors(a["optimizer"]["state"][key], b["optimizer"]["state"][key])
+    rows_a, rows_b = metric_rows(dir_a), metric_rows(dir_b)
+    assert [r["epoch"] for r in rows_a] == ["1", "2", "3"]
+    assert comparable(rows_a) == comparable(rows_b)
+
+
+@pytest.mark.parametrize("dropout, at_epoch, at_step", [
+    ("0.0", 2, 5),     # mid-epoch, deterministic model: the data order and augmentation must match
+    ("0.1", 2, 5),     # dropout draws from the global RNG: its state must be restored too
+    ("0.1", 1, 13),    # the signal in the last step of an epoch: the resumed run skips the whole epoch
+    ("0.1", 3, 1),     # after the first step of the last epoch
+])
+def test_signal_at_a_given_step_then_resume_is_bit_identical(tmp_path, fake_data, cli, monkeypatch, dropout,
+                                                               at_epoch, at_step):
+    """In this process, SIGTERM is sent to itself while step `at_step` of epoch `at_epoch` runs."""
+    common = train_args(fake_data, tmp_path, "--dropout", dropout, "--warmup-epochs", "1", epochs=3)
+    straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    status, out, err = cli([*common, "--out-dir", straight_dir])
+    assert status == 0, err
+
+    real_epoch = data.DeviceTrainLoader.epoch
+
+    def epoch_with_signal(self, epoch):
+        for step, batch in enumerate(real_epoch(self, epoch), start=1):
+            if (epoch, step) == (at_epoch, at_step):
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+    monkeypatch.setattr(data.DeviceTrainLoader, "epoch", epoch_with_signal)
+    status, out, err = cli([*common, "--out-dir", resumed_dir])
+    monkeypatch.setattr(data.DeviceTrainLoader, "epoch", real_epoch)
+    assert status == 128 + signal.SIGTERM
+    one_line_error(err, f"stopped by SIGTERM at epoch {at_epoch}, step {at_step}; saved ", "--resume auto")
+    assert "received SIGTERM" in out
+
+    status, out, err = cli([*common, "--out-dir", resumed_dir, "--resume", "auto"])
+    assert status == 0, err
+    assert f"(epoch {at_epoch - 1} done, stopped at step {at_step} of the next)" in out
+    assert_same_run(straight_dir, resumed_dir)
+
+
+def test_sigterm_to_main_py_then_resume_auto_is_bit_identical(tmp_path, signal_data):
+    common = [*TINY, "--data-dir", signal_data, "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "8",
+              "--dropout", "0.1"]  # the default device pipeline, with its per-epoch augmentation seeds
+    straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    straight = Run([*common, "--out-dir", straight_dir])
+    interrupted = Run([*common, "--out-dir", resumed_dir])
+    interrupted.wait_for("epoch 1/3")
+    interrupted.proc.send_signal(signal.SIGTERM)
+    status, out, err = interrupted.finish()
+
+    assert status == 128 + signal.SIGTERM, err
+    assert "received SIGTERM" in out
+    line = one_line_error(err, "stopped by SIGTERM at epoch ", "continue with: python ", "--resume auto")
+    assert "epoch 3/3" not in out
+    last = os.path.join(resumed_dir, "checkpoints", "last.pt")
+    saved = checkpoint.load(last)
+    position = saved["scheduler"]["position"]
+    assert position is not None and position["step"] >= 1, "the stop was not mid-epoch"
+    assert f"at epoch {position['epoch']}, step {position['step']};" in line
+
+    resumed = run_main([*common, "--out-dir", resumed_dir, "--resume", "auto"], env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {last} (epoch {saved['epoch']} done, stopped at step {position['step']} of the next)" \
+        in resumed.stdout
+    status, out, err = straight.finish()
+    assert status == 0, err
+    assert_same_run(straight_dir, resumed_dir)
+
+
+def test_sighup_is_ignored_and_sigint_stops_with_a_working_resume_command(tmp_path, signal_data):
+    out_dir = str(tmp_path / "run")
+    args = [*TINY, "--data-dir", signal_data, "--out-dir", out_dir, "--epochs", "2", "--warmup-epochs", "0",
+            "--batch-size", "8", "--resume", "auto"]
+    run = Run(args)
+    assert "starting a new run" in run.wait_for("--resume auto: no ")  # auto with no last.pt: a fresh run
+    run.wait_for("epoch 1/2")
+    run.proc.send_signal(signal.SIGHUP)  # handled first (lowest number): must not stop the run ...
+    run.proc.send_signal(signal.SIGINT)  # ... so that SIGINT finds it alive and stops it gracefully
+    status, out, err = run.finish()
+
+    assert status == 128 + signal.SIGINT, err
+    assert "received SIGINT" in out and "received SIGHUP" not in out
+    line = one_line_error(err, "stopped by SIGINT at epoch 2, step ", "continue with: python ")
+    command = shlex.split(line.split("continue with: ", 1)[1])
+    assert command[0] == "python" and command[1].endswith("main.py")
+    assert command.count("--resume") == 1 and command[-2:] == ["--resume", "auto"]
+    assert command.count("auto") == 1  # the old --resume's value is not left behind
+    assert checkpoint.load(os.path.join(out_dir, "checkpoints", "last.pt"))["scheduler"]["position"]["epoch"] == 2
+
+    result = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, **ONE_THREAD}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stdout
+    assert [row["epoch"] for row in metric_rows(out_dir)] == ["1", "2"]
+
+
+def test_second_signal_exits_at_once_without_saving(tmp_path, signal_data, fake_data, cli):
+    out_dir = str(tmp_path / "run")
+    run = Run([*TINY, "--data-dir", signal_data, "--out-dir", out_dir, "--epochs", "3", "--warmup-epochs", "0",
+               "--batch-size", "8"])
+    run.wait_for("epoch 1/3")
+    best = os.path.join(out_dir, "checkpoints", "best.pt")
+    deadline = time.monotonic() + 120
+    while not os.path.exists(best):  # epoch 1's checkpoints are complete (best.pt is written last)
+        assert run.proc.poll() is None and time.monotonic() < deadline, run.stderr()
+        time.sleep(0.005)
+    run.proc.send_signal(signal.SIGTERM)
+    run.proc.send_signal(signal.SIGINT)  # the second: no step to finish, no save
+    status, out, err = run.finish()
+
+    assert status in (128 + signal.SIGTERM, 128 + signal.SIGINT), err
+    assert "stopped by" not in err and "Traceback" not in err
+    last = checkpoint.load(os.path.join(out_dir, "checkpoints", "last.pt"))
+    assert last["epoch"] == 1 and last["scheduler"]["position"] is None  # epoch 1's, not a mid-epoch save
+    status, out, err = cli([*TINY, "--data-dir", signal_data, "--out-dir", out_dir, "--epochs", "3",
+                            "--warmup-epochs", "0", "--batch-size", "8", "--resume", "auto"])
+    assert status == 0, err
+    assert [row["epoch"] for row in metric_rows(out_dir)] == ["1", "2", "3"]
+    assert temp_files(out_dir) == []
+
+
+# ---------------------------------------------------------------------------------------------- resume checks
+
+@pytest.mark.parametrize("change, fragments", [
+    (["--hidden", "64", "--layers", "3"], ["hidden: checkpoint 32, flags 64", "layers: checkpoint 2, flags 3"]),
+    (["--dropout", "0.1"], ["dropout: checkpoint 0.0, flags 0.1"]),
+    (["--dataset", "cifar100"], ["num_classes: checkpoint 10, flags 100"]),
+])
+def test_resume_with_another_model_lists_the_differences_and_keeps_the_run(run_dir, fake_data, tmp_path, cli,
+                                                                           no_training, change, fragments):
+    data_dir = fake_data
+    if "cifar100" in change:
+        data_dir = str(tmp_path / "c100")
+        write_fake_cifar(data_dir, dataset="cifar100")
+    before = snapshot(run_dir)
+    status, out, err = cli(train_args(data_dir, run_dir, "--resume", "auto", *change, epochs=2))
+    assert status == 2
+    one_line_error(err, f"error: {run_dir}/checkpoints/last.pt: the checkpoint's model differs from the flags (",
+                   *fragments)
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("batch_size, fragment", [
+    (16, "non-finite training loss at epoch 2, step "),  # several steps: the loss of the next step is NaN
+    (1000, "non-finite test loss after the update at epoch 2, step 1"),  # one step: only the weights blow up
+])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run_dir, fake_data, cli, batch_size, fragment):
+    before = snapshot(run_dir)
+    last = os.path.join(run_dir, "checkpoints", "last.pt")
+    status, out, err = cli(train_args(fake_data, run_dir, "--resume", "auto", "--lr", "1e30", epochs=3,
+                                      batch_size=batch_size))
+    assert status == 1
+    one_line_error(err, fragment, f"the last good checkpoint is {last}")
+    assert "epoch 2/3" not in out
+    assert snapshot(run_dir) == before  # last.pt, best.pt, metrics.csv untouched
+    assert all(torch.isfinite(t).all() for t in model_of(last).values())
+
+
+def test_non_finite_loss_in_a_fresh_run_writes_no_checkpoint(tmp_path, fake_data, cli):
+    out_dir = str(tmp_path / "run")
+    status, out, err = cli(train_args(fake_data, out_dir, "--lr", "1e30", epochs=2))
+    assert status == 1
+    one_line_error(err, "non-finite", "at epoch 1, step ", "no checkpoint was written")
+    assert not os.path.exists(os.path.join(out_dir, "checkpoints", "last.pt"))
+    assert not os.path.exists(os.path.join(out_dir, "metrics.csv"))
+
+
+# ---------------------------------------------------------------------------------------------- out-dir and disk
+
+def test_out_dir_under_a_regular_file_is_refused_at_start(tmp_path, fake_data, cli, no_data):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    status, out, err = cli(train_args(fake_data, blocker / "run"))
+    assert status == 2
+    one_line_error(err, f"cannot write to {blocker / 'run' / 'checkpoints'}", "choose a writable --out-dir")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders; see the test above")
+def test_read_only_out_dir_is_refused_at_start(tmp_path, fake_data, cli, no_data):
+    out_dir = tmp_path / "readonly"
+    out_dir.mkdir()
+    out_dir.chmod(0o555)
+    try:
+        status, out, err = cli(train_args(fake_data, out_dir))
+    finally:
+        out_dir.chmod(0o755)
+    assert status == 2
+    one_line_error(err, "cannot write to", "choose a writable --out-dir")
+
+
+def test_full_disk_at_start_is_refused_and_nothing_is_lost(run_dir, fake_data, cli, monkeypatch, no_data):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(trainer.tempfile, "TemporaryFile", full)
+    before = snapshot(run_dir)
+    status, out, err = cli(train_args(fake_data, run_dir, "--resume", "auto", epochs=2))
+    assert status == 2
+    one_line_error(err, "cannot write to", "No space left on device")
+    assert snapshot(run_dir) == before
+
+
+def test_full_disk_at_checkpoint_save_keeps_the_previous_checkpoint(run_dir, fake_data, cli, monkeypatch):
+    real_save = torch.save
+
+    def half_then_fail(obj, f, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    last = os.path.join(run_dir, "checkpoints", "last.pt")
+    with open(last, "rb") as f:
+        last_bytes = f.read()
+    best_before = snapshot(os.path.join(run_dir, "checkpoints"))["best.pt"]
+    monkeypatch.setattr(torch, "save", half_then_fail)
+    status, out, err = cli(train_args(fake_data, run_dir, "--resume", "auto", epochs=2))
+    assert status == 1
+    one_line_error(err, f"could not write {last} (No space left on device)", "the previous last.pt is intact")
+    with open(last, "rb") as f:
+        assert f.read() == last_bytes
+    assert snapshot(os.path.join(run_dir, "checkpoints"))["best.pt"] == best_before
+    assert temp_files(run_dir) == []
+    assert metric_rows(run_dir)[0]["epoch"] == "1"  # still a whole CSV
+    monkeypatch.setattr(torch, "save", real_save)  # space freed: the run continues from epoch 1's checkpoint
+    status, out, err = cli(train_args(fake_data, run_dir, "--resume", "auto", epochs=2))
+    assert status == 0, err
+    assert "(epoch 1 done)" in out
+    assert [row["epoch"] for row in metric_rows(run_dir)] == ["1", "2"]
+
+
+def test_full_disk_at_metrics_write_is_a_clear_stop(run_dir, fake_data, cli, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), args[1] if len(args) > 1 else None)
+    monkeypatch.setattr(os, "replace", full)
+    before = snapshot(run_dir)
+    status, out, err = cli(train_args(fake_data, run_dir, "--resume", "auto", epochs=2))
+    assert status == 1
+    one_line_error(err, "could not write", "metrics.csv", "No space left on device")
+    assert snapshot(run_dir) == before  # nothing replaced, no temp file left
+
+
+# ---------------------------------------------------------------------------------------------- hostile checkpoints
+
+class _Exploit:
+    """Unpickling this runs os.mkdir(marker): what a malicious 'checkpoint' would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def _state(good):
+    return torch.load(good, map_location="cpu", weights_only=True)
+
+
+def _write(path, content):
+    with open(path, "wb") as f:
+        f.write(content)
+
+
+def make_checkpoint(kind, good, path, marker):
+    """Writes a hostile checkpoint of `kind` at path."""
+    with open(good, "rb") as f:
+        good_bytes = f.read()
+    if kind == "truncated":
+        _write(path, good_bytes[:len(good_bytes) // 2])
+    elif kind == "empty":
+        _write(path, b"")
+    elif kind == "text":
+        _write(path, b"epoch 1/3 | lr 1e-3 | this is a log, not a checkpoint\n")
+    elif kind == "random bytes":
+        _write(path, np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    elif kind == "plain pickle":
+        _write(path, pickle.dumps({"model": [1, 2, 3]}))
+    elif kind == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif kind in ("code execution", "code execution, legacy format"):
+        state = _state(good)
+        state["model"] = _Exploit(marker)
+        torch.save(state, path, _use_new_zipfile_serialization=kind == "code execution")
+    elif kind == "weights do not fit":
+        state = _state(good)
+        state["model"]["head.weight"] = torch.zeros(3, 3)
+        torch.save(state, path)
+    elif kind == "invalid model_config":
+        state = _state(good)
+        state["model_config"]["heads"] = 5
+        torch.save(state, path)
+    elif kind == "no training state":
+        state = _state(good)
+        torch.save({k: state[k] for k in ("model", "model_config", "classes")}, path)
+    elif kind == "malformed training state":
+        state = _state(good)
+        state["rng"] = {"torch": "not a generator state"}
+        torch.save(state, path)
+    else:
+        raise ValueError(kind)
+
+
+BAD_FILE = "is truncated or not a PyTorch checkpoint"
+CHECKPOINT_CASES = {  # kind: (message fragment with --resume, with --eval-only, refused before the data is read)
+    "truncated": (BAD_FILE, BAD_FILE, True),
+    "empty": (BAD_FILE, BAD_FILE, True),
+    "text": (BAD_FILE, BAD_FILE, True),
+    "random bytes": (BAD_FILE, BAD_FILE, True),
+    "plain pickle": (BAD_FILE, BAD_FILE, True),
+    "tensor": ("is a PyTorch file but not a checkpoint of this project",) * 2 + (True,),
+    "code execution": ("was refused by safe (weights_only) loading",) * 2 + (True,),
+    "code execution, legacy format": ("was refused by safe (weights_only) loading",) * 2 + (True,),
+    "weights do not fit": ("the stored weights do not fit its model_config (size mismatch for head.weight",) * 2
+    + (False,),
+    "invalid model_config": ("differs from the flags (heads: checkpoint 5, flags 4)",
+                             "has an invalid model_config (hidden size 32 is not divisible by 5 heads", False),
+    "no training state": ("holds a model but no training state", None, True),
+    "malformed training state": ("has a malformed training state", None, False),
+}
+
+
+@pytest.mark.parametrize("mode", ["resume", "eval-only"])
+@pytest.mark.parametrize("kind", list(CHECKPOINT_CASES))
+def test_hostile_checkpoint_is_refused(kind, mode, run_dir, fake_data, tmp_path, cli, no_training, monkeypatch):
+    resume_fragment, eval_fragment, early = CHECKPOINT_CASES[kind]
+    fragment = resume_fragment if mode == "resume" else eval_fragment
+    if fragment is None:
+        pytest.skip(f"{kind}: evaluation needs only the model")
+    if early:
+        no_data_patch(monkeypatch)
+    marker = str(tmp_path / "MARKER")
+    path = str(tmp_path / "hostile.pt")
+    make_checkpoint(kind, os.path.join(run_dir, "checkpoints", "last.pt"), path, marker)
+    before = snapshot(run_dir)
+    if mode == "resume":
+        status, out, err = cli(train_args(fake_data, run_dir, "--resume", path, epochs=2))
+    else:
+        status, out, err = cli([*TINY, "--data-dir", fake_data, "--out-dir", str(tmp_path / "eval"), "--eval-only",
+                                "--checkpoint", path])
+    assert status == 2
+    line = one_line_error(err, "error: ", path, fragment)
+    assert snapshot(run_dir) == before
+    assert not os.path.exists(tmp_path / "eval")
+    if kind.startswith("code execution"):
+        assert "posix.mkdir" in line and "nothing in it was run" in line
+        assert not os.path.exists(marker)
+        torch.load(path, weights_only=False)  # the control: unsafe loading does run the file's code
+        assert os.path.isdir(marker)
+
+
+def test_resume_auto_with_a_corrupt_last_pt_is_refused(run_dir, fake_data, cli, no_training, monkeypatch):
+    no_data_patch(monkeypatch)
+    last = os.path.join(run_dir, "checkpoints", "last.pt")
+    make_checkpoint("truncated", last, last, None)
+    before = snapshot(run_dir)
+    status, out, err = cli(train_args(fake_data, run_dir, "--resume", "auto", epochs=2))
+    assert status == 2
+    one_line_error(err, f"checkpoint {last} {BAD_FILE}", "use another file, e.g. checkpoints/best.pt")
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("flag", ["--resume", "--checkpoint"])
+def test_missing_checkpoint_file_is_a_usage_error(tmp_path, fake_data, cli, flag):
+    extra = ["--eval-only"] if flag == "--checkpoint" else []
+    status, out, err = cli(train_args(fake_data, tmp_path / "run", *extra, flag, str(tmp_path / "nope.pt")))
+    assert status == 2
+    usage_error(err, "no such file")
+    assert not os.path.exists(tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------- hostile data
+
+def _rewrite_batch(folder, name, change):
+    path = os.path.join(folder, "cifar-10-batches-py", name)
+    with open(path, "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    with open(path, "wb") as f:
+        pickle.dump(change(batch), f)
+
+
+def make_data(kind, folder, marker):
+    write_fake_cifar(folder)
+    batches = os.path.join(folder, "cifar-10-batches-py")
+    if kind == "partial folder":
+        os.remove(os.path.join(batches, "data_batch_3"))
+    elif kind == "wrong image shape":
+        _rewrite_batch(folder, "data_batch_2", lambda b: {**b, b"data": b[b"data"][:, :1024]})
+    elif kind == "wrong dtype":
+        _rewrite_batch(folder, "test_batch", lambda b: {**b, b"data": b[b"data"].astype(np.float32)})
+    elif kind == "labels out of range":
+        _rewrite_batch(folder, "data_batch_4", lambda b: {**b, b"labels": [10] + b[b"labels"][1:]})
+    elif kind == "negative labels":
+        _rewrite_batch(folder, "test_batch", lambda b: {**b, b"labels": [-1] + b[b"labels"][1:]})
+    elif kind == "labels not integers":
+        _rewrite_batch(folder, "data_batch_1", lambda b: {**b, b"labels": ["cat"] * len(b[b"labels"])})
+    elif kind == "fewer labels than images":
+        _rewrite_batch(folder, "data_batch_5", lambda b: {**b, b"labels": b[b"labels"][:-1]})
+    elif kind == "not a dict":
+        _rewrite_batch(folder, "data_batch_1", lambda b: [1, 2, 3])
+    elif kind == "garbage file":
+        _write(os.path.join(batches, "data_batch_1"), b"\x00garbage, not a pickle")
+    elif kind == "no class names":
+        _rewrite_batch(folder, "batches.meta", lambda b: {b"num_cases_per_batch": 10000})
+    elif kind == "code execution":
+        _rewrite_batch(folder, "data_batch_1", lambda b: {**b, b"data": _Exploit(marker)})
+    else:
+        raise ValueError(kind)
+
+
+DATA_CASES = {
+    "partial folder": "data_batch_3 is missing: the data folder is incomplete",
+    "wrong image shape": "data_batch_2 holds data of shape (40, 1024)",
+    "wrong dtype": "test_batch holds data of shape (50, 3072) and dtype float32",
+    "labels out of range": "data_batch_4 has labels outside 0..9 (found 0..10)",
+    "negative labels": "test_batch has labels outside 0..9 (found -1..",
+    "labels not integers": "data_batch_1: its b'labels' are not integer class labels",
+    "fewer labels than images": "data_batch_5 holds data of shape (40, 3072) and dtype uint8 with 39 labels",
+    "not a dict": "data_batch_1 has no b'data' or b'labels' entry",
+    "garbage file": "data_batch_1 is not",
+    "no class names": "batches.meta has no list of class names",
+    "code execution": "data_batch_1 is not a CIFAR batch (it would import posix.mkdir",
+}
+
+
+@pytest.mark.parametrize("kind", list(DATA_CASES))
+def test_hostile_data_folder_is_refused(kind, tmp_path, cli, no_training):
+    folder, marker = str(tmp_path / "data"), str(tmp_path / "MARKER")
+    make_data(kind, folder, marker)
+    status, out, err = cli(train_args(folder, tmp_path / "run"))
+    assert status == 2
+    one_line_error(err, "error: ", DATA_CASES[kind])
+    assert not os.path.exists(tmp_path / "run" / "metrics.csv")
+    if kind == "code execution":
+        assert not os.path.exists(marker)
+        with open(os.path.join(folder, "cifar-10-batches-py", "data_batch_1"), "rb") as f:
+            pickle.load(f)  # the control: plain unpickling does run the file's code
+        assert os.path.isdir(marker)
+
+
+def test_missing_data_folder_fails_with_a_download_hint(tmp_path, cli, no_training, monkeypatch):
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there: the download fails at once
+    status, out, err = cli(train_args(tmp_path / "nodata", tmp_path / "run"))
+    assert status == 2
+    one_line_error(err, f"error: could not download cifar10 into {tmp_path / 'nodata'}", "extract it so that",
+                   "--data-dir")
+
+
+# ---------------------------------------------------------------------------------------------- hostile flags
+
+# Every numeric flag of main.py, with values it must refuse at parse time ...
+REFUSED = {
+    "--epochs": ["0", "-1", "nan", "inf", "1.5"],
+    "--batch-size": ["0", "-1", "nan", "inf", "1.5"],
+    "--eval-batch-size": ["0", "-1", "nan", "inf"],
+    "--lr": ["0", "-1", "nan", "inf", "-inf"],
+    "--min-lr": ["-1", "nan", "inf"],
+    "--warmup-epochs": ["-1", "nan", "inf"],
+    "--weight-decay": ["-1", "nan", "inf"],
+    "--beta1": ["-0.1", "1", "nan", "inf"],
+    "--beta2": ["-0.1", "1", "nan", "inf"],
+    "--label-smoothing": ["-0.1", "1", "nan", "inf"],
+    "--seed": ["-1", "nan", "inf", "1.5", str(2 ** 64)],
+    "--layers": ["0", "-1", "nan", "inf"],
+    "--hidden": ["0", "-1", "nan", "inf"],
+    "--mlp-hidden": ["0", "-1", "nan", "inf"],
+    "--heads": ["0", "-1", "nan", "inf", "5"],
+    "--patch-size": ["0", "-1", "nan", "inf", "3"],
+    "--dropout": ["-0.1", "1", "nan", "inf"],
+    "--workers": ["-1", "nan", "inf"],
+    "--save-every": ["-1", "nan", "inf"],
+}
+# ... and the edge values that are valid and must be accepted.
+ACCEPTED = {"--min-lr": "0", "--warmup-epochs": "0", "--weight-decay": "0", "--beta1": "0", "--beta2": "0",
+            "--label-smoothing": "0", "--seed": "0", "--dropout": "0", "--workers": "0", "--save-every": "0"}
+
+
+def test_every_numeric_flag_is_covered():
+    numeric = {action.option_strings[-1] for action in main.build_parser()._actions
+               if action.option_strings and action.type is not None and action.choices is None}
+    assert numeric == set(REFUSED)
+
+
+@pytest.mark.parametrize("flag, value", [(flag, value) for flag, values in REFUSED.items() for value in values])
+def test_invalid_numeric_flag_is_refused_at_parse_time(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main.parse_args([f"{flag}={value}"])
+    assert exit_.value.code == 2
+    usage_error(capsys.readouterr().err, flag)
+
+
+@pytest.mark.parametrize("flag, value", list(ACCEPTED.items()))
+def test_valid_edge_value_is_accepted(flag, value):
+    args = main.parse_args([f"{flag}={value}"])
+    assert float(getattr(args, flag[2:].replace("-", "_"))) == float(value)
+
+
+def test_invalid_flag_from_the_command_line_is_one_line(tmp_path):
+    result = run_main(["--lr", "nan", "--out-dir", str(tmp_path / "run")])
+    assert result.returncode == 2
+    usage_error(result.stderr, "argument --lr: 'nan' is not a finite number")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_unknown_dataset_is_refused(tmp_path, cli):
+    status, out, err = cli(["--dataset", "mnist", "--out-dir", str(tmp_path / "run")])
+    assert status == 2
+    usage_error(err, "argument --dataset: invalid choice: 'mnist'")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_device_cuda_without_cuda_is_refused(tmp_path, fake_data, cli, no_training, no_data):
+    status, out, err = cli([*TINY_MODEL, "--data-dir", fake_data, "--out-dir", str(tmp_path / "run"), "--epochs",
+                            "1", "--warmup-epochs", "0", "--device", "cuda"])
+    assert status == 2
+    one_line_error(err, "--device cuda was asked for but CUDA is not available", "--device cpu")
+    assert not os.path.exists(tmp_path / "run")
