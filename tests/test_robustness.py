@@ -99,6 +99,16 @@ def metric_rows(out_dir):
         return list(csv.DictReader(f))
 
 
+def disk_fills_halfway(real_save):
+    """A torch.save that writes half the file, then fails as a full disk does."""
+    def save(obj, f, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer)
+        f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return save
+
+
 def model_of(path):
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
@@ -179,14 +189,7 @@ def test_failure_mid_write_leaves_previous_checkpoint(run_dir, monkeypatch):
     before = snapshot(run_dir)
     state = checkpoint.load(last)
     state["epoch"] = 99
-
-    def half_then_fail(obj, f, *args, **kwargs):  # the disk fills up halfway through the file
-        buffer = io.BytesIO()
-        real_save(obj, buffer)
-        f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    real_save = torch.save
-    monkeypatch.setattr(torch, "save", half_then_fail)
+    monkeypatch.setattr(torch, "save", disk_fills_halfway(torch.save))
     with pytest.raises(OSError):
         checkpoint.save(state, last)
     monkeypatch.undo()
@@ -504,17 +507,11 @@ def test_full_disk_at_start_is_refused_and_nothing_is_lost(run_dir, fake_data, c
 
 def test_full_disk_at_checkpoint_save_keeps_the_previous_checkpoint(run_dir, fake_data, cli, monkeypatch):
     real_save = torch.save
-
-    def half_then_fail(obj, f, *args, **kwargs):
-        buffer = io.BytesIO()
-        real_save(obj, buffer)
-        f.write(buffer.getvalue()[:len(buffer.getvalue()) // 2])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     last = os.path.join(run_dir, "checkpoints", "last.pt")
     with open(last, "rb") as f:
         last_bytes = f.read()
     best_before = snapshot(os.path.join(run_dir, "checkpoints"))["best.pt"]
-    monkeypatch.setattr(torch, "save", half_then_fail)
+    monkeypatch.setattr(torch, "save", disk_fills_halfway(real_save))
     status, out, err = cli(train_args(fake_data, run_dir, "--resume", "auto", epochs=2))
     assert status == 1
     one_line_error(err, f"could not write {last} (No space left on device)", "the previous last.pt is intact")
@@ -620,13 +617,12 @@ CHECKPOINT_CASES = {  # kind: (message fragment with --resume, with --eval-only,
 }
 
 
-@pytest.mark.parametrize("mode", ["resume", "eval-only"])
-@pytest.mark.parametrize("kind", list(CHECKPOINT_CASES))
+@pytest.mark.parametrize("kind, mode", [(kind, mode) for kind, (on_resume, on_eval, _) in CHECKPOINT_CASES.items()
+                                        for mode, fragment in (("resume", on_resume), ("eval-only", on_eval))
+                                        if fragment is not None])  # evaluation needs no training state
 def test_hostile_checkpoint_is_refused(kind, mode, run_dir, fake_data, tmp_path, cli, no_training, monkeypatch):
     resume_fragment, eval_fragment, early = CHECKPOINT_CASES[kind]
     fragment = resume_fragment if mode == "resume" else eval_fragment
-    if fragment is None:
-        pytest.skip(f"{kind}: evaluation needs only the model")
     if early:
         no_data_patch(monkeypatch)
     marker = str(tmp_path / "MARKER")
@@ -818,3 +814,12 @@ def test_device_cuda_without_cuda_is_refused(tmp_path, fake_data, cli, no_traini
     assert status == 2
     one_line_error(err, "--device cuda was asked for but CUDA is not available", "--device cpu")
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_eval_only_into_an_unusable_out_dir_is_one_line(run_dir, fake_data, tmp_path, cli):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    status, out, err = cli([*TINY, "--data-dir", fake_data, "--out-dir", str(blocker / "eval"), "--eval-only",
+                            "--checkpoint", os.path.join(run_dir, "checkpoints", "best.pt")])
+    assert status == 1
+    one_line_error(err, f"error: {blocker / 'eval'}: Not a directory")
