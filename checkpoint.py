@@ -8,6 +8,7 @@ A checkpoint is a dict of tensors and plain Python values:
     epoch            epochs completed
     optimizer, scheduler, history, rng, best_acc   (training state, for --resume)
 """
+import contextlib
 import dataclasses
 import os
 import pickle
@@ -23,23 +24,35 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be read or does not fit; the message says which file and why."""
 
 
-def save(state: dict, path: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`:
-    a crash at any moment leaves either the old file or the new one, never a torn one."""
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "wb", **open_kwargs):
+    """Yields a temporary file beside `path`; once the block succeeds it is flushed, fsynced and renamed over
+    `path`, so a crash at any moment leaves either the old file or the new one, never a torn one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
     _fsync_folder(folder)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save(state: dict, path: str) -> None:
+    with atomic_file(path) as f:
+        torch.save(state, f)
 
 
 def _fsync_folder(folder: str) -> None:

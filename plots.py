@@ -1,11 +1,10 @@
 """results.png: training curves of a run, rewritten after every epoch so a long run can be watched."""
-import os
-import tempfile
-
 import matplotlib
 
 matplotlib.use("Agg")  # no display under nohup
 import matplotlib.pyplot as plt  # noqa: E402
+
+from checkpoint import atomic_file  # noqa: E402
 
 
 def plot_results(history: list, path: str) -> None:
@@ -31,13 +30,8 @@ def plot_results(history: list, path: str) -> None:
     for axis in (loss_axis, acc_axis, lr_axis):
         axis.grid(alpha=0.3)
     figure.tight_layout()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-results-", suffix=".png", dir=folder)
-    os.close(fd)
     try:
-        figure.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with atomic_file(path) as f:
+            figure.savefig(f, format="png", dpi=100)
     finally:
         plt.close(figure)
-        if os.path.exists(tmp):
-            os.remove(tmp)

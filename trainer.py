@@ -360,7 +360,7 @@ class Trainer:
 
     def write_metrics(self):
         path = os.path.join(self.out_dir, "metrics.csv")
-        with _atomic_text(path) as f:
+        with checkpoint.atomic_file(path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
             writer.writeheader()
             for row in self.history:
@@ -534,26 +534,3 @@ class Trainer:
             self.write_report(cifar, predictions)
         self.barrier()
         return {"test_loss": test_loss, "test_acc": test_acc}
-
-
-class _atomic_text:
-    """Open a text file for writing that replaces `path` only once it is completely written."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __enter__(self):
-        folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-        self.file = os.fdopen(fd, "w", newline="")
-        return self.file
-
-    def __exit__(self, kind, value, traceback):
-        try:
-            self.file.close()  # flushes: a full disk can fail here too
-            if kind is None:
-                os.replace(self.tmp, self.path)
-        finally:
-            if os.path.exists(self.tmp):  # a failed write or rename leaves no temp file behind
-                os.remove(self.tmp)
