@@ -119,13 +119,10 @@ class Trainer:
         self.model_config = model_config or model_config_from_args(args, num_classes)
         self.compiled = self.use_cuda and not args.no_compile
         self.model = VisionTransformer(self.model_config).to(self.device)
-        fused = self.use_cuda
-        if args.optimizer == "adam":  # Adam's weight_decay is L2 added to the gradient, as the reference used
-            self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
-                                              weight_decay=args.weight_decay, fused=fused)
-        else:
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
-                                               weight_decay=args.weight_decay, fused=fused)
+        # Adam's weight_decay is L2 added to the gradient (the reference); AdamW's is decoupled.
+        optimizer_class = torch.optim.Adam if args.optimizer == "adam" else torch.optim.AdamW
+        self.optimizer = optimizer_class(self.model.parameters(), lr=args.lr, betas=(args.beta1, args.beta2),
+                                         weight_decay=args.weight_decay, fused=self.use_cuda)
         self.network = self.model
         if self.world > 1:
             self.network = torch.nn.parallel.DistributedDataParallel(
@@ -135,11 +132,11 @@ class Trainer:
                                      else self._loss_and_predictions)
 
     def make_train_loader(self, cifar: data.Cifar):
-        args, local_batch = self.args, self.args.batch_size
+        args, batch_size = self.args, self.args.batch_size  # global: EpochBatches splits it
         if args.data_pipeline == "device":
-            return data.DeviceTrainLoader(cifar.train_images, cifar.train_labels, local_batch, args.seed,
+            return data.DeviceTrainLoader(cifar.train_images, cifar.train_labels, batch_size, args.seed,
                                           self.device, rank=self.rank, world=self.world)
-        return data.TorchvisionTrainLoader(cifar.train_images, cifar.train_labels, local_batch, args.seed,
+        return data.TorchvisionTrainLoader(cifar.train_images, cifar.train_labels, batch_size, args.seed,
                                            args.workers, pin_memory=self.use_cuda, rank=self.rank, world=self.world)
 
     # ------------------------------------------------------------------------------------ steps
