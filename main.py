@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--heads", type=positive_int, default=12, help="must divide --hidden")
     model.add_argument("--patch-size", type=positive_int, default=4, help="must divide the 32-pixel image size")
     model.add_argument("--dropout", type=fraction, default=0.0)
+    model.add_argument("--init", choices=("timm", "pytorch"), default="timm",
+                       help="timm: truncated normal std 0.02 (linear weights, class token, position embedding); "
+                            "pytorch: nn.Linear's default init and unit-normal embeddings, as the reference's code")
     model.add_argument("--attention", choices=("sdpa", "math"), default="sdpa",
                        help="sdpa: F.scaled_dot_product_attention (fused kernels); math: the explicit formula")
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ATTENTION_PATHS = ("sdpa", "math")
+INITS = ("timm", "pytorch")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class ViTConfig:
     dropout: float = 0.0
     attention: str = "sdpa"
     mlp_final_gelu: bool = True  # the reference puts a GELU after both MLP linears; standard ViT has one
+    init: str = "timm"  # timm: truncated normal, std 0.02; pytorch: nn.Linear's own init, unit-normal embeddings
 
     def __post_init__(self):
         for name in ("image_size", "patch_size", "in_channels", "num_classes", "layers", "hidden",
@@ -55,6 +57,8 @@ class ViTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.attention not in ATTENTION_PATHS:
             raise ValueError(f"attention must be one of {ATTENTION_PATHS}, got {self.attention!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
 
     @property
     def num_patches(self) -> int:
@@ -133,9 +137,13 @@ class VisionTransformer(nn.Module):
         self.layers = nn.ModuleList(TransformerEncoderLayer(config) for _ in range(config.layers))
         self.norm = nn.LayerNorm(config.hidden)
         self.head = nn.Linear(config.hidden, config.num_classes)
-        self.apply(_init_weights)
-        for embedding in (self.class_token, self.pos_embed):
-            _trunc_normal(embedding)
+        if config.init == "timm":
+            self.apply(_init_weights)
+            for embedding in (self.class_token, self.pos_embed):
+                _trunc_normal(embedding)
+        else:  # Linear and LayerNorm keep PyTorch's defaults, as in the reference's code
+            for embedding in (self.class_token, self.pos_embed):
+                nn.init.normal_(embedding)
 
     def patchify(self, images):
         """[N, C, H, W] -> [N, patches, C*p*p], patches in row-major order, each flattened as (C, p, p)."""

@@ -48,7 +48,8 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, base_lr: float
 
 def model_config_from_args(args, num_classes: int) -> ViTConfig:
     return ViTConfig(num_classes=num_classes, layers=args.layers, hidden=args.hidden, mlp_hidden=args.mlp_hidden,
-                     heads=args.heads, patch_size=args.patch_size, dropout=args.dropout, attention=args.attention)
+                     heads=args.heads, patch_size=args.patch_size, dropout=args.dropout, attention=args.attention,
+                     init=args.init)
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -442,7 +443,7 @@ class Trainer:
         wanted = dataclasses.asdict(model_config_from_args(self.args, num_classes))
         stored = state["model_config"]
         differing = [f"{k}: checkpoint {stored.get(k)!r}, flags {v!r}" for k, v in wanted.items()
-                     if k != "attention" and stored.get(k) != v]
+                     if k not in ("attention", "init") and stored.get(k, v) != v]
         if differing:
             raise checkpoint.CheckpointError(f"{self.resume_path}: the checkpoint's model differs from the flags ("
                                              + "; ".join(differing)

@@ -149,6 +149,18 @@ def test_initialisation_follows_the_vit_recipe(default_model):
     _check_truncated_normal("position embedding", model.pos_embed)
 
 
+def test_pytorch_init_keeps_linear_defaults_and_unit_normal_embeddings():
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(init="pytorch"))
+    assert sum(p.numel() for p in model.parameters()) == 6_268_810
+    for embedding in (model.pos_embed, model.class_token):
+        assert 0.8 < embedding.std().item() < 1.2  # unit normal, not std 0.02
+    qkv = model.layers[0].attn.qkv
+    bound = 1 / math.sqrt(qkv.in_features)  # nn.Linear's kaiming-uniform(a=sqrt(5)) weight and uniform bias
+    assert qkv.weight.abs().max() <= bound and qkv.weight.abs().max() > 0.9 * bound
+    assert qkv.bias.abs().max() > 0.5 * bound  # biases are not zeroed
+
+
 # ---------------------------------------------------------------------------------------------- config errors
 
 @pytest.mark.parametrize("fields, words", [
