@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dropout", type=fraction, default=0.0)
     model.add_argument("--init", choices=("timm", "pytorch"), default="timm",
                        help="timm: truncated normal std 0.02 (linear weights, class token, position embedding); "
-                            "pytorch: nn.Linear's default init and unit-normal embeddings, as the reference's code")
+                            "pytorch: nn.Linear's default init and unit-normal embeddings, common in from-scratch CIFAR ViT code")
     model.add_argument("--attention", choices=("sdpa", "math"), default="sdpa",
                        help="sdpa: F.scaled_dot_product_attention (fused kernels); math: the explicit formula")
 

@@ -141,7 +141,7 @@ class VisionTransformer(nn.Module):
             self.apply(_init_weights)
             for embedding in (self.class_token, self.pos_embed):
                 _trunc_normal(embedding)
-        else:  # Linear and LayerNorm keep PyTorch's defaults, as in the reference's code
+        else:  # Linear and LayerNorm keep PyTorch's defaults, as much from-scratch CIFAR ViT code does
             for embedding in (self.class_token, self.pos_embed):
                 nn.init.normal_(embedding)
 
