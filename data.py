@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from augment import train_augment
+
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 DATASETS = ("cifar10", "cifar100")
@@ -192,7 +194,6 @@ class DeviceTrainLoader:
 
     def epoch(self, epoch: int):
         """Yields (uint8 images, labels) batches of this rank for `epoch`."""
-        from augment import train_augment
         plan = EpochBatches(len(self.images), self.batch_size, self.seed, epoch, self.rank, self.world)
         order = plan.indices().to(self.device)
         images, labels = self.images[order], self.labels[order]

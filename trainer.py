@@ -15,7 +15,6 @@ import signal
 import sys
 import tempfile
 import time
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -23,6 +22,8 @@ import torch.nn.functional as F
 
 import checkpoint
 import data
+import plots
+import visualize
 from models import ViTConfig, VisionTransformer, count_parameters
 
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
@@ -365,14 +366,12 @@ class Trainer:
                 writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in METRIC_FIELDS})
 
     def plot(self):
-        import plots
         plots.plot_results(self.history, os.path.join(self.out_dir, "results.png"))
 
     def write_report(self, cifar, predictions=None):
         """attention.png, confusion.png, per_class.csv and the per-class table in the log (rank 0)."""
         if predictions is None or len(predictions) != len(cifar.test_labels):
             _, _, predictions = self.evaluate(cifar.test_images, cifar.test_labels, sharded=False)
-        import visualize
         for line in visualize.write_evaluation_report(self.model, cifar.test_images, cifar.test_labels, predictions,
                                                        cifar.classes, self.out_dir):
             self.log(line)
