@@ -413,6 +413,10 @@ class Trainer:
     def resume_state(self):
         path = self.args.resume
         if not path:
+            last = os.path.join(self.checkpoint_dir, "last.pt")
+            if os.path.isfile(last):  # a new run would overwrite an earlier run's checkpoints and metrics
+                raise TrainingStopped(f"{last} holds an earlier run: continue it with --resume auto, or start "
+                                      f"a new run in another --out-dir (or move that folder away)", 2)
             return None
         if path == "auto":
             path = os.path.join(self.checkpoint_dir, "last.pt")

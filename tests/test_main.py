@@ -258,3 +258,14 @@ def test_bad_input_from_the_command_line(flags, flag, tmp_path):
     assert result.returncode == 2
     _check_one_line_error(result.stderr, flag, data_dir)
     assert result.stdout == "" and not os.path.exists(out_dir)
+
+
+def test_a_new_run_refuses_to_overwrite_an_earlier_runs_checkpoints(data_dir, two_epochs):
+    out_dir, _ = two_epochs
+    protected = [os.path.join(out_dir, "checkpoints", "last.pt"), os.path.join(out_dir, "metrics.csv")]
+    before = [open(path, "rb").read() for path in protected]
+    result = run(["--data-dir", data_dir, "--out-dir", out_dir, *COMMON, "--epochs", "2"])
+    assert result.returncode == 2
+    assert "--resume auto" in result.stderr and "another --out-dir" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert [open(path, "rb").read() for path in protected] == before
