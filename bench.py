@@ -3,6 +3,7 @@
     python bench.py --device cpu                      # a few minutes on a 2-core CPU
     python bench.py --device cuda --steps 300         # one GPU
     python bench.py --data-dir ../shared/data         # real CIFAR-10 images (else random ones)
+    python bench.py --device cpu --fast-flags "--precision bf16"   # other main.py flags for the fast row
 
 (a) reference: torchvision PIL pipeline in a DataLoader, explicit attention, fp32, eager.
 (b) fast:      data and augmentation on the device, sdpa attention, bf16 autocast and torch.compile on CUDA.
@@ -15,6 +16,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import time
 
 import torch
@@ -24,10 +26,7 @@ import main
 from models import ViTConfig
 from trainer import Trainer
 
-CONFIGS = {
-    "reference": ["--data-pipeline", "torchvision", "--attention", "math", "--precision", "fp32", "--no-compile"],
-    "fast": [],
-}
+REFERENCE_FLAGS = ["--data-pipeline", "torchvision", "--attention", "math", "--precision", "fp32", "--no-compile"]
 
 
 def forward_flops_per_image(config: ViTConfig) -> int:
@@ -156,6 +155,7 @@ def main_cli(argv=None):
     p.add_argument("--workers", type=main.count, default=data.default_workers())
     p.add_argument("--out-dir", default="bench-out", help="scratch folder for the trainers (nothing is saved there)")
     p.add_argument("--json", default="bench.json")
+    p.add_argument("--fast-flags", default="", help="main.py flags for the fast row (default: none, i.e. the defaults)")
     opts = p.parse_args(argv)
     from trainer import resolve_device
     device = resolve_device(opts.device)
@@ -171,7 +171,8 @@ def main_cli(argv=None):
               f"{opts.steps} timed steps after {opts.warmup} | {opts.workers} DataLoader workers")
     print(header, flush=True)
     results = []
-    for name, flags in CONFIGS.items():
+    configs = {"reference": REFERENCE_FLAGS, "fast": shlex.split(opts.fast_flags)}
+    for name, flags in configs.items():
         results.append(bench_training(name, flags, cifar, opts))
         print(json.dumps(results[-1]), flush=True)
     augmentation = bench_augmentation(cifar, opts, device)
