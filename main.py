@@ -149,4 +149,12 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, skip the interpreter's teardown: gloo's worker threads can abort a finished process
+        # while Python finalizes ("terminate called without an active exception"; pytorch/pytorch#179291).
+        # Every output file is already closed and renamed into place.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
