@@ -4,6 +4,8 @@
     python bench.py --device cuda --steps 300         # one GPU
     python bench.py --data-dir ../shared/data         # real CIFAR-10 images (else random ones)
     python bench.py --device cpu --fast-flags "--precision bf16"   # other main.py flags for the fast row
+    python bench.py --device cuda --fast-flags "" --fast-flags "--compile-mode reduce-overhead"   # two fast rows
+    python bench.py --device cuda --profile-steps 20  # also where each row's step spends its time (torch.profiler)
 
 (a) reference: torchvision PIL pipeline in a DataLoader, explicit attention, fp32, eager.
 (b) fast:      data and augmentation on the device, sdpa attention, bf16 autocast and torch.compile on CUDA.
@@ -12,6 +14,7 @@ peak memory, the projected time of the 200-epoch recipe, and on CUDA the achieve
 augmentation pipelines alone. Prints a table and writes the numbers to --json.
 """
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -92,6 +95,40 @@ def bench_training(name, flags, cifar, opts):
               "projected_epoch_s": epoch_seconds, "projected_200_epochs_min": 200 * epoch_seconds / 60}
     if device.type == "cuda":
         result["train_tflops"] = 3 * forward_flops_per_image(trainer.model_config) * train_ips / 1e12
+    if opts.profile_steps:
+        result["profile"] = profile_training(trainer, loader, opts, name)
+    return result
+
+
+def profile_training(trainer, loader, opts, name):
+    """torch.profiler over `opts.profile_steps` steps: host and device time per step, the kernels launched
+    per step, and a table of the operators that cost most, written beside the JSON."""
+    device = trainer.device
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    batches = itertools.islice(loader.epoch(3), opts.profile_steps)
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.profiler.profile(activities=activities) as profiler:
+        steps = 0
+        for images, labels in batches:
+            trainer.train_step(images, labels.to(device), trainer.args.lr)
+            steps += 1
+        synchronize(device)
+    wall_ms = 1000 * (time.perf_counter() - start) / steps
+    events = profiler.key_averages()
+    result = {"steps": steps, "wall_ms_per_step": wall_ms, "table": f"{os.path.splitext(opts.json)[0]}-profile-{name}.txt"}
+    summary = f"{name}: {steps} steps, {wall_ms:.2f} ms wall per step (profiler on)"
+    if device.type == "cuda":
+        result["device_kernel_ms_per_step"] = sum(event.self_device_time_total for event in events) / 1000 / steps
+        result["kernels_per_step"] = sum(event.count for event in events if event.self_device_time_total > 0) / steps
+        summary += (f", {result['device_kernel_ms_per_step']:.2f} ms of device kernels and "
+                    f"{result['kernels_per_step']:.0f} kernels per step")
+    sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(result["table"], "w") as f:
+        f.write(summary + "\n" + events.table(sort_by=sort_by, row_limit=30, max_name_column_width=70))
+    result["summary"] = summary
     return result
 
 
@@ -130,13 +167,16 @@ def load_data(data_dir):
 
 def print_table(results, augmentation, header):
     print(header)
-    print(f"{'config':<10} {'train img/s':>12} {'eval img/s':>11} {'peak MiB':>9} {'epoch s':>8} "
-          f"{'200 ep. min':>11} {'TFLOP/s':>8}")
+    print(f"{'config':<10} {'train img/s':>12} {'vs ref.':>8} {'eval img/s':>11} {'peak MiB':>9} {'epoch s':>8} "
+          f"{'200 ep. min':>11} {'TFLOP/s':>8}  flags")
+    reference_ips = results[0]["train_images_per_s"]
     for r in results:
-        print(f"{r['config']:<10} {r['train_images_per_s']:>12,.0f} {r['eval_images_per_s']:>11,.0f} "
-              f"{r['peak_memory_mib']:>9,.0f} {r['projected_epoch_s']:>8.1f} {r['projected_200_epochs_min']:>11.1f} "
-              f"{r.get('train_tflops', float('nan')):>8.1f}")
-    print(f"training speed-up fast/reference: {results[1]['train_images_per_s'] / results[0]['train_images_per_s']:.1f}x")
+        print(f"{r['config']:<10} {r['train_images_per_s']:>12,.0f} {r['train_images_per_s'] / reference_ips:>7.1f}x "
+              f"{r['eval_images_per_s']:>11,.0f} {r['peak_memory_mib']:>9,.0f} {r['projected_epoch_s']:>8.1f} "
+              f"{r['projected_200_epochs_min']:>11.1f} {r.get('train_tflops', float('nan')):>8.1f}  {r['flags']}")
+    for r in results:
+        if "profile" in r:
+            print(f"profile {r['profile']['summary']} ({r['profile']['table']})")
     print(f"augmentation alone ({augmentation['images']:,} images): torchvision PIL "
           f"{augmentation['torchvision_pil_images_per_s']:,.0f} img/s, device batched "
           f"{augmentation['device_batched_images_per_s']:,.0f} img/s ({augmentation['speedup']:.1f}x)")
@@ -155,7 +195,10 @@ def main_cli(argv=None):
     p.add_argument("--workers", type=main.count, default=data.default_workers())
     p.add_argument("--out-dir", default="bench-out", help="scratch folder for the trainers (nothing is saved there)")
     p.add_argument("--json", default="bench.json")
-    p.add_argument("--fast-flags", default="", help="main.py flags for the fast row (default: none, i.e. the defaults)")
+    p.add_argument("--fast-flags", action="append",
+                   help="main.py flags for a fast row; repeat for several rows (default: one row, the defaults)")
+    p.add_argument("--profile-steps", type=main.count, default=0,
+                   help="after timing, profile this many steps of each row (torch.profiler; 0: off)")
     opts = p.parse_args(argv)
     from trainer import resolve_device
     device = resolve_device(opts.device)
@@ -171,8 +214,10 @@ def main_cli(argv=None):
               f"{opts.steps} timed steps after {opts.warmup} | {opts.workers} DataLoader workers")
     print(header, flush=True)
     results = []
-    configs = {"reference": REFERENCE_FLAGS, "fast": shlex.split(opts.fast_flags)}
-    for name, flags in configs.items():
+    configs = [("reference", REFERENCE_FLAGS)]
+    fast_flags = opts.fast_flags or [""]
+    configs += [("fast" if i == 0 else f"fast-{i + 1}", shlex.split(flags)) for i, flags in enumerate(fast_flags)]
+    for name, flags in configs:
         results.append(bench_training(name, flags, cifar, opts))
         print(json.dumps(results[-1]), flush=True)
     augmentation = bench_augmentation(cifar, opts, device)

@@ -39,7 +39,7 @@ class ViTConfig:
     dropout: float = 0.0
     attention: str = "sdpa"
     mlp_final_gelu: bool = True  # the reference puts a GELU after both MLP linears; standard ViT has one
-    init: str = "timm"  # timm: truncated normal, std 0.02; pytorch: nn.Linear's own init, unit-normal embeddings
+    init: str = "pytorch"  # pytorch (the reference's): nn.Linear's own init, unit-normal embeddings; timm: trunc. normal, std 0.02
 
     def __post_init__(self):
         for name in ("image_size", "patch_size", "in_channels", "num_classes", "layers", "hidden",
@@ -141,7 +141,7 @@ class VisionTransformer(nn.Module):
             self.apply(_init_weights)
             for embedding in (self.class_token, self.pos_embed):
                 _trunc_normal(embedding)
-        else:  # Linear and LayerNorm keep PyTorch's defaults, as much from-scratch CIFAR ViT code does
+        else:  # Linear and LayerNorm keep PyTorch's defaults, embeddings torch.randn: what the reference did
             for embedding in (self.class_token, self.pos_embed):
                 nn.init.normal_(embedding)
 

@@ -6,6 +6,7 @@ Everything the run writes lands in args.out_dir: the log on stdout (rank 0 only)
 results.png, checkpoints/{last,best,epoch_N}.pt and, at the end, the evaluation report
 (attention.png, confusion.png, per_class.csv).
 """
+import copy
 import csv
 import dataclasses
 import math
@@ -100,6 +101,8 @@ class Trainer:
         if args.batch_size % env_world:  # checked before the processes rendezvous, so every rank exits at once
             raise TrainingStopped(f"--batch-size {args.batch_size} is the global batch and must divide by the "
                                   f"{env_world} processes: choose a multiple of {env_world}", 2)
+        if args.compile_mode == "reduce-overhead" and env_world > 1:  # DDP's gradient hooks cannot be graphed
+            raise TrainingStopped("--compile-mode reduce-overhead works in one process only: drop it under torchrun", 2)
         self.device = resolve_device(args.device, local_rank, quiet=env_rank != 0)
         self.rank, self.world = init_distributed(self.device)
         self.is_main = self.rank == 0
@@ -130,8 +133,13 @@ class Trainer:
             self.network = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.use_cuda else None)
         # Compiling the whole forward (normalisation, model, loss, argmax) fuses its small kernels.
-        self.loss_and_predictions = (torch.compile(self._loss_and_predictions, dynamic=False) if self.compiled
-                                     else self._loss_and_predictions)
+        self.loss_and_predictions = (torch.compile(self._loss_and_predictions, dynamic=False, mode=args.compile_mode)
+                                     if self.compiled else self._loss_and_predictions)
+
+    def compile_label(self) -> str:
+        if not self.compiled:
+            return "off"
+        return "on" if self.args.compile_mode == "default" else self.args.compile_mode
 
     def make_train_loader(self, cifar: data.Cifar):
         args, batch_size = self.args, self.args.batch_size  # global: EpochBatches splits it
@@ -155,7 +163,9 @@ class Trainer:
 
     def train_step(self, images_uint8, labels, lr, global_batch=None):
         """One optimisation step; returns the loss and the number of correct predictions as device tensors,
-        without waiting for the device. `global_batch`: the size of this step's batch over all ranks."""
+        without waiting for the device. `global_batch`: the size of this step's batch over all ranks.
+        Under --compile-mode reduce-overhead the loss lives in CUDA-graph memory that the next step reuses:
+        read it (or clone it) before the next call."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss, predictions = self.loss_and_predictions(self.network, images_uint8.to(self.device, non_blocking=True),
@@ -188,7 +198,7 @@ class Trainer:
             loss, predicted = self.loss_and_predictions(self.model, x, y)
             loss_sum += loss * len(y)
             correct += (predicted == y).sum()
-            predictions.append(predicted)
+            predictions.append(predicted.clone())  # CUDA graphs (reduce-overhead) reuse output memory on the next call
         totals = torch.stack([loss_sum, correct.float()])
         if sharded:
             self.all_reduce(totals)
@@ -227,10 +237,11 @@ class Trainer:
         self.log(f"model: {count_parameters(self.model):,} parameters | data: {args.dataset}, "
                  f"{len(cifar.train_images):,} train / {len(cifar.test_images):,} test | device: {self.device}"
                  f"{f' x{self.world} processes' if self.world > 1 else ''} | pipeline: {args.data_pipeline} | "
-                 f"precision: {'bf16' if self.amp_dtype else 'fp32'} | compile: {'on' if self.compiled else 'off'}")
+                 f"precision: {'bf16' if self.amp_dtype else 'fp32'} | compile: {self.compile_label()}")
         test_images = cifar.test_images.to(self.device)
         test_labels = cifar.test_labels.to(self.device)
         run_start, predictions = time.time(), None
+        self.last_write, self.pending_best = -math.inf, None
         self.install_signal_handlers()
         try:
             for epoch in range(start_epoch, args.epochs + 1):
@@ -241,6 +252,9 @@ class Trainer:
                     raise self.non_finite("test loss after the update", epoch, steps_per_epoch)
                 row.update(test_loss=test_loss, test_acc=test_acc, epoch_seconds=time.time() - row.pop("start"))
                 self.end_epoch(row)
+        except TrainingStopped:
+            self.flush_deferred_outputs()
+            raise
         finally:
             self.restore_signal_handlers()
         summary = {"parameters": count_parameters(self.model), "best_acc": self.best_acc, "best_epoch": self.best_epoch,
@@ -342,18 +356,47 @@ class Trainer:
                  f"{row['epoch_seconds']:.1f}s | {row['images_per_second']:,.0f} img/s")
         if not self.is_main:
             return
+        # metrics.csv every epoch; results.png and the checkpoints at most every --write-interval seconds (and
+        # after the first and last epochs): on a GPU an epoch can take a second, about what writing them takes.
+        due = epoch == args.epochs or time.time() - self.last_write >= args.write_interval
+        self.write_outputs(metrics=True, plot=due)
+        state = self.state(epoch, position=None)
+        if improved:
+            self.pending_best = None if due else copy.deepcopy(state)  # a snapshot: the live tensors keep training
+        if due:
+            self.save(state, "last.pt")
+            if improved:
+                self.save(state, "best.pt")
+            self.save_pending_best()
+            self.last_write = time.time()
+        if args.save_every and epoch % args.save_every == 0:
+            self.save(state, f"epoch_{epoch}.pt")
+
+    def write_outputs(self, metrics: bool, plot: bool):
         try:
-            self.write_metrics()
-            self.plot()
+            if metrics:
+                self.write_metrics()
+            if plot:
+                self.plot()
         except OSError as error:
             raise TrainingStopped(f"could not write {error.filename or self.out_dir} ({error.strerror or error}): "
                                   f"free disk space or choose another --out-dir; the previous files are intact") from None
-        state = self.state(epoch, position=None)
-        self.save(state, "last.pt")
-        if improved:
-            self.save(state, "best.pt")
-        if args.save_every and epoch % args.save_every == 0:
-            self.save(state, f"epoch_{epoch}.pt")
+
+    def save_pending_best(self):
+        if self.pending_best is not None:
+            pending, self.pending_best = self.pending_best, None
+            self.save(pending, "best.pt")
+
+    def flush_deferred_outputs(self):
+        """When a run stops early: best.pt of an improvement made since the last write, and results.png.
+        Errors here are dropped: the error that stopped the run is the one to report."""
+        if not self.is_main:
+            return
+        try:
+            self.save_pending_best()
+            self.write_outputs(metrics=False, plot=bool(self.history))
+        except TrainingStopped:
+            pass
 
     # ------------------------------------------------------------------------------------ outputs
 

@@ -133,8 +133,9 @@ def _check_truncated_normal(name, values):
     assert abs(values.mean().item()) <= 6 * TRUNCATED_STD / math.sqrt(len(values)), f"{name}: mean not 0"
 
 
-def test_initialisation_follows_the_vit_recipe(default_model):
-    model = default_model
+def test_timm_init_follows_the_vit_recipe():
+    torch.manual_seed(0)
+    model = VisionTransformer(ViTConfig(init="timm"))
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
     assert len(linears) == 1 + 4 * 7 + 1 and len(norms) == 2 * 7 + 1
@@ -149,10 +150,9 @@ def test_initialisation_follows_the_vit_recipe(default_model):
     _check_truncated_normal("position embedding", model.pos_embed)
 
 
-def test_pytorch_init_keeps_linear_defaults_and_unit_normal_embeddings():
-    torch.manual_seed(0)
-    model = VisionTransformer(ViTConfig(init="pytorch"))
-    assert sum(p.numel() for p in model.parameters()) == 6_268_810
+def test_default_init_is_the_references_linear_defaults_and_unit_normal_embeddings(default_model):
+    model = default_model
+    assert model.config.init == "pytorch"
     for embedding in (model.pos_embed, model.class_token):
         assert 0.8 < embedding.std().item() < 1.2  # unit normal, not std 0.02
     qkv = model.layers[0].attn.qkv

@@ -768,10 +768,12 @@ REFUSED = {
     "--dropout": ["-0.1", "1", "nan", "inf"],
     "--workers": ["-1", "nan", "inf"],
     "--save-every": ["-1", "nan", "inf"],
+    "--write-interval": ["-1", "nan", "inf", "-inf"],
 }
 # ... and the edge values that are valid and must be accepted.
 ACCEPTED = {"--min-lr": "0", "--warmup-epochs": "0", "--weight-decay": "0", "--beta1": "0", "--beta2": "0",
-            "--label-smoothing": "0", "--seed": "0", "--dropout": "0", "--workers": "0", "--save-every": "0"}
+            "--label-smoothing": "0", "--seed": "0", "--dropout": "0", "--workers": "0", "--save-every": "0",
+            "--write-interval": "0"}
 
 
 def test_every_numeric_flag_is_covered():

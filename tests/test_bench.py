@@ -1,0 +1,41 @@
+"""bench.py: its rows, its JSON and its profile tables, on a tiny CPU run; and the FLOP count it reports."""
+import json
+import os
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+from models import ViTConfig, VisionTransformer
+
+
+def test_flop_count_matches_torch_flop_counter():
+    # explicit attention: the counter does not see inside the CPU's fused attention kernel
+    for config in (ViTConfig(attention="math"), ViTConfig(layers=2, hidden=64, mlp_hidden=96, heads=4, patch_size=8,
+                                                          num_classes=100, attention="math")):
+        model = VisionTransformer(config)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(torch.zeros(2, 3, 32, 32))
+        assert counter.get_total_flops() / 2 == bench.forward_flops_per_image(config)
+
+
+def test_bench_rows_json_and_profiles(tmp_path, fake_cifar10, capsys):
+    out = tmp_path / "bench.json"
+    bench.main_cli(["--device", "cpu", "--data-dir", fake_cifar10, "--batch-size", "8", "--steps", "2",
+                    "--warmup", "1", "--eval-images", "20", "--augment-images", "40", "--workers", "0",
+                    "--fast-flags", "", "--fast-flags", "--attention math --precision bf16",
+                    "--profile-steps", "2", "--json", str(out), "--out-dir", str(tmp_path / "scratch")])
+    result = json.loads(out.read_text())
+    rows = result["training"]
+    assert [r["config"] for r in rows] == ["reference", "fast", "fast-2"]
+    assert rows[0]["flags"] == " ".join(bench.REFERENCE_FLAGS)
+    assert rows[2]["flags"] == "--attention math --precision bf16"
+    for r in rows:
+        assert r["train_images_per_s"] > 0 and r["eval_images_per_s"] > 0
+        assert r["profile"]["steps"] == 2
+        table = open(r["profile"]["table"]).read()
+        assert table.startswith(f"{r['config']}: 2 steps") and "aten::" in table
+    assert os.path.dirname(rows[0]["profile"]["table"]) == str(tmp_path)
+    assert result["augmentation"]["images"] == 40
+    printed = capsys.readouterr().out
+    assert "fast-2" in printed and "vs ref." in printed and "profile fast-2" in printed

@@ -1,0 +1,82 @@
+"""--write-interval: metrics.csv every epoch; results.png, last.pt and best.pt after the first and last epochs
+and when the interval has passed; an improvement made between writes reaches best.pt later, or when a run stops."""
+import os
+
+import pytest
+import torch
+
+import checkpoint
+import main
+import plots
+import trainer
+from conftest import TINY_MODEL
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Every checkpoint save (name, epoch) and every results.png drawing (rows), in order."""
+    saves, plotted = [], []
+    real_save, real_plot = checkpoint.save, plots.plot_results
+
+    def save(state, path):
+        saves.append((os.path.basename(path), state["epoch"]))
+        real_save(state, path)
+
+    def plot(history, path):
+        plotted.append(len(history))
+        real_plot(history, path)
+
+    monkeypatch.setattr(checkpoint, "save", save)
+    monkeypatch.setattr(plots, "plot_results", plot)
+    return saves, plotted
+
+
+def run(fake_cifar10, out_dir, *flags):
+    return main.main(["--data-dir", fake_cifar10, "--out-dir", str(out_dir), "--epochs", "4", "--warmup-epochs", "1",
+                      "--batch-size", "40", "--device", "cpu", *TINY_MODEL, *flags])
+
+
+def scripted_accuracies(monkeypatch, accuracies):
+    """Test accuracy per epoch as given (a nan: a non-finite test loss); the real evaluation for the report."""
+    real = trainer.Trainer.evaluate
+    calls = iter(accuracies)
+
+    def evaluate(self, images, labels, sharded=True):
+        loss, _, predictions = real(self, images, labels, sharded)
+        acc = next(calls, 0.0)
+        return (float("nan") if acc != acc else loss), acc, predictions
+
+    monkeypatch.setattr(trainer.Trainer, "evaluate", evaluate)
+
+
+def test_long_interval_writes_after_the_first_and_last_epochs(fake_cifar10, tmp_path, recorded, monkeypatch):
+    saves, plotted = recorded
+    scripted_accuracies(monkeypatch, [10.0, 30.0, 20.0, 15.0])
+    assert run(fake_cifar10, tmp_path, "--write-interval", "1000") == 0
+    # epoch 2's improvement waits in memory and reaches best.pt at the next write (epoch 4, the last)
+    assert saves == [("last.pt", 1), ("best.pt", 1), ("last.pt", 4), ("best.pt", 2)]
+    assert plotted == [1, 4]
+    assert len(open(tmp_path / "metrics.csv").read().splitlines()) == 5  # header + every epoch
+    best = checkpoint.load(str(tmp_path / "checkpoints" / "best.pt"))
+    assert best["epoch"] == 2 and best["best_acc"] == 30.0 and len(best["history"]) == 2
+    last = checkpoint.load(str(tmp_path / "checkpoints" / "last.pt"))
+    assert not torch.equal(best["model"]["head.weight"], last["model"]["head.weight"])  # a snapshot, not the live weights
+
+
+def test_zero_interval_writes_every_epoch(fake_cifar10, tmp_path, recorded, monkeypatch):
+    saves, plotted = recorded
+    scripted_accuracies(monkeypatch, [10.0, 30.0, 20.0, 40.0])
+    assert run(fake_cifar10, tmp_path, "--write-interval", "0") == 0
+    assert saves == [("last.pt", 1), ("best.pt", 1), ("last.pt", 2), ("best.pt", 2), ("last.pt", 3),
+                     ("last.pt", 4), ("best.pt", 4)]
+    assert plotted == [1, 2, 3, 4]
+
+
+def test_a_stopped_run_still_writes_its_deferred_best(fake_cifar10, tmp_path, recorded, monkeypatch, capsys):
+    saves, plotted = recorded
+    scripted_accuracies(monkeypatch, [10.0, 30.0, float("nan")])
+    assert run(fake_cifar10, tmp_path, "--write-interval", "1000") != 0
+    assert "non-finite test loss" in capsys.readouterr().err
+    assert saves == [("last.pt", 1), ("best.pt", 1), ("best.pt", 2)]  # last.pt stays at the last good write
+    assert plotted == [1, 2]
+    assert checkpoint.load(str(tmp_path / "checkpoints" / "best.pt"))["epoch"] == 2
