@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--init", choices=("pytorch", "timm"), default="pytorch",
                        help="pytorch: nn.Linear's default init and unit-normal class token and position embedding, "
                             "as the reference; timm: truncated normal std 0.02 for all of them, zero biases")
-    model.add_argument("--attention", choices=("sdpa", "math"), default="sdpa",
-                       help="sdpa: F.scaled_dot_product_attention (fused kernels); math: the explicit formula")
+    model.add_argument("--attention", choices=("auto", "sdpa", "math"), default="auto",
+                       help="sdpa: F.scaled_dot_product_attention (fused kernels); math: the explicit formula; "
+                            "auto: sdpa, except math on the CPU in bf16 (faster there)")
 
     system = p.add_argument_group("data and system")
     system.add_argument("--dataset", choices=data.DATASETS, default="cifar10")
@@ -88,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="DataLoader worker processes of the torchvision pipeline")
     system.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     system.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                        help="auto: bf16 autocast on CUDA, fp32 on the CPU")
+                        help="auto: bf16 autocast where the hardware computes bf16 natively (CUDA GPUs from Ampere "
+                             "on, CPUs with AVX512-BF16 or AMX), else fp32")
     system.add_argument("--no-compile", action="store_true", help="do not torch.compile the model (CUDA only)")
     system.add_argument("--compile-mode", choices=("default", "reduce-overhead"), default="default",
                         help="torch.compile mode on CUDA; reduce-overhead replays the compiled forward and backward "

@@ -48,9 +48,9 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, base_lr: float
     return min_lr + (base_lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def model_config_from_args(args, num_classes: int) -> ViTConfig:
+def model_config_from_args(args, num_classes: int, attention: str) -> ViTConfig:
     return ViTConfig(num_classes=num_classes, layers=args.layers, hidden=args.hidden, mlp_hidden=args.mlp_hidden,
-                     heads=args.heads, patch_size=args.patch_size, dropout=args.dropout, attention=args.attention,
+                     heads=args.heads, patch_size=args.patch_size, dropout=args.dropout, attention=attention,
                      init=args.init)
 
 
@@ -67,6 +67,28 @@ def resolve_device(requested: str, local_rank: int = 0, quiet: bool = False) -> 
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bf16 matrix products in hardware rather than by emulation."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def resolve_precision(requested: str, device: torch.device):
+    """The autocast dtype (torch.bfloat16), or None for fp32. auto: bf16 where the hardware has it."""
+    if requested == "auto":
+        return torch.bfloat16 if native_bf16(device) else None
+    return torch.bfloat16 if requested == "bf16" else None
+
+
+def resolve_attention(requested: str, device: torch.device, amp_dtype) -> str:
+    """auto: the fused kernels, except on the CPU in bf16, where PyTorch's fused attention is the slower one
+    (its backward took about 5x the explicit formula's time on a 2-core AVX512-BF16 CPU, torch 2.14)."""
+    if requested != "auto":
+        return requested
+    return "math" if device.type == "cpu" and amp_dtype is not None else "sdpa"
 
 
 def distributed_env():
@@ -107,7 +129,8 @@ class Trainer:
         self.rank, self.world = init_distributed(self.device)
         self.is_main = self.rank == 0
         self.use_cuda = self.device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if (self.use_cuda and args.precision != "fp32") or args.precision == "bf16" else None
+        self.amp_dtype = resolve_precision(args.precision, self.device)
+        self.attention = resolve_attention(args.attention, self.device, self.amp_dtype)
         self.out_dir = args.out_dir
         self.checkpoint_dir = os.path.join(self.out_dir, "checkpoints")
         self.stop_signal = None
@@ -121,7 +144,9 @@ class Trainer:
     def build(self, num_classes: int, model_config: ViTConfig | None = None):
         args = self.args
         torch.manual_seed(args.seed)  # same initial weights on every rank
-        self.model_config = model_config or model_config_from_args(args, num_classes)
+        # the attention path is a way to compute, not part of the model: a resumed run takes today's choice
+        config = model_config or model_config_from_args(args, num_classes, self.attention)
+        self.model_config = dataclasses.replace(config, attention=self.attention)
         self.compiled = self.use_cuda and not args.no_compile
         self.model = VisionTransformer(self.model_config).to(self.device)
         # Adam's weight_decay is L2 added to the gradient (the reference); AdamW's is decoupled.
@@ -237,7 +262,8 @@ class Trainer:
         self.log(f"model: {count_parameters(self.model):,} parameters | data: {args.dataset}, "
                  f"{len(cifar.train_images):,} train / {len(cifar.test_images):,} test | device: {self.device}"
                  f"{f' x{self.world} processes' if self.world > 1 else ''} | pipeline: {args.data_pipeline} | "
-                 f"precision: {'bf16' if self.amp_dtype else 'fp32'} | compile: {self.compile_label()}")
+                 f"precision: {'bf16' if self.amp_dtype else 'fp32'} | attention: {self.attention} | "
+                 f"compile: {self.compile_label()}")
         test_images = cifar.test_images.to(self.device)
         test_labels = cifar.test_labels.to(self.device)
         run_start, predictions = time.time(), None
@@ -486,7 +512,7 @@ class Trainer:
                                           f"resume from another checkpoint or start a new --out-dir")
 
     def check_resume_config(self, state, num_classes):
-        wanted = dataclasses.asdict(model_config_from_args(self.args, num_classes))
+        wanted = dataclasses.asdict(model_config_from_args(self.args, num_classes, self.attention))
         stored = state["model_config"]
         differing = [f"{k}: checkpoint {stored.get(k)!r}, flags {v!r}" for k, v in wanted.items()
                      if k not in ("attention", "init") and stored.get(k, v) != v]
@@ -559,7 +585,7 @@ class Trainer:
     def evaluate_checkpoint(self) -> dict:
         args = self.args
         state = checkpoint.load(args.checkpoint)
-        config = checkpoint.model_config_of(state, args.checkpoint)
+        config = dataclasses.replace(checkpoint.model_config_of(state, args.checkpoint), attention=self.attention)
         self.model = VisionTransformer(config)
         checkpoint.load_weights(self.model, state, args.checkpoint)  # before the (possibly long) data loading
         cifar = data.load_cifar(args.dataset, args.data_dir)

@@ -98,8 +98,10 @@ import data, main, trainer
 
 out, data_dir, configs, coverage_batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 configs = [tuple(map(int, c.split(":"))) for c in configs.split(",") if c]
+# fp32: the float32 tolerances below (in bf16, per-rank partial sums round differently from one big sum)
 args = main.parse_args(TINY_MODEL + ["--device", "cpu", "--epochs", "1", "--warmup-epochs", "0", "--lr", "3e-3",
-                                     "--batch-size", "48", "--data-dir", data_dir, "--out-dir", out, "--workers", "1"])
+                                     "--batch-size", "48", "--data-dir", data_dir, "--out-dir", out, "--workers", "1",
+                                     "--precision", "fp32"])
 tr = trainer.Trainer(args)
 result = {"rank": tr.rank, "world": tr.world, "coverage": {}}
 

@@ -269,3 +269,18 @@ def test_a_new_run_refuses_to_overwrite_an_earlier_runs_checkpoints(data_dir, tw
     assert "--resume auto" in result.stderr and "another --out-dir" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert [open(path, "rb").read() for path in protected] == before
+
+
+def test_the_log_names_precision_and_attention_and_a_resume_takes_todays_attention(data_dir, tmp_path):
+    out_dir = str(tmp_path / "run")
+    first = run(["--data-dir", data_dir, "--out-dir", out_dir, *COMMON, "--epochs", "1", "--warmup-epochs", "0",
+                 "--precision", "bf16"])
+    assert first.returncode == 0, first.stderr
+    assert "precision: bf16 | attention: math | compile: off" in first.stdout  # auto attention, CPU in bf16
+    last = os.path.join(out_dir, "checkpoints", "last.pt")
+    assert load_checkpoint(last)["model_config"]["attention"] == "math"
+    resumed = run(["--data-dir", data_dir, "--out-dir", out_dir, *COMMON, "--epochs", "2", "--warmup-epochs", "0",
+                   "--precision", "fp32", "--attention", "sdpa", "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "precision: fp32 | attention: sdpa | compile: off" in resumed.stdout
+    assert load_checkpoint(last)["model_config"]["attention"] == "sdpa" and load_checkpoint(last)["epoch"] == 2

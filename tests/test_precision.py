@@ -1,0 +1,39 @@
+"""--precision auto and --attention auto: what they resolve to on which hardware, and what a run reports."""
+import pytest
+import torch
+
+import trainer
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                        (False, False, None)])
+def test_auto_precision_on_the_cpu_follows_native_bf16(monkeypatch, avx512_bf16, amx, expected):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert trainer.resolve_precision("auto", CPU) is expected
+    assert trainer.resolve_precision("bf16", CPU) is torch.bfloat16  # forced, whatever the hardware
+    assert trainer.resolve_precision("fp32", CPU) is None
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, None)])
+def test_auto_precision_on_cuda_needs_bf16_without_emulation(monkeypatch, native, expected):
+    asked = {}
+
+    def is_bf16_supported(including_emulation=True):
+        asked["including_emulation"] = including_emulation
+        return native or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert trainer.resolve_precision("auto", CUDA) is expected
+    assert asked == {"including_emulation": False}  # a V100 emulates bf16 slowly: fp32 there
+
+
+def test_auto_attention_is_explicit_only_on_the_cpu_in_bf16():
+    assert trainer.resolve_attention("auto", CPU, torch.bfloat16) == "math"
+    assert trainer.resolve_attention("auto", CPU, None) == "sdpa"
+    assert trainer.resolve_attention("auto", CUDA, torch.bfloat16) == "sdpa"
+    assert trainer.resolve_attention("sdpa", CPU, torch.bfloat16) == "sdpa"
+    assert trainer.resolve_attention("math", CUDA, None) == "math"
