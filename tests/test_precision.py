@@ -37,3 +37,16 @@ def test_auto_attention_is_explicit_only_on_the_cpu_in_bf16():
     assert trainer.resolve_attention("auto", CUDA, torch.bfloat16) == "sdpa"
     assert trainer.resolve_attention("sdpa", CPU, torch.bfloat16) == "sdpa"
     assert trainer.resolve_attention("math", CUDA, None) == "math"
+
+
+def test_cuda_graphs_are_refused_under_torchrun_and_with_no_compile(monkeypatch, capsys):
+    import main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    args = main.parse_args(["--compile-mode", "reduce-overhead", "--device", "cpu"])
+    with pytest.raises(trainer.TrainingStopped, match="reduce-overhead works in one process only: drop it under torchrun"):
+        trainer.Trainer(args)  # before any process group is started
+    with pytest.raises(SystemExit):
+        main.parse_args(["--compile-mode", "reduce-overhead", "--no-compile"])
+    assert "--compile-mode reduce-overhead and --no-compile contradict each other" in capsys.readouterr().err
