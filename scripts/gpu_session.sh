@@ -3,13 +3,13 @@
 # (10 minutes per call, 15 minutes per task, machine start included):
 #
 #   bash scripts/gpu_session.sh OUT_DIR bench full      # first call: about 8 minutes
-#   bash scripts/gpu_session.sh OUT_DIR tests torchrun  # second call, if time is left: about 4 minutes
+#   bash scripts/gpu_session.sh OUT_DIR torchrun tests  # second call, if time is left: 3 to 5 minutes
 #
 # Stages (any order, any subset; run from the repository root with .device/ carried, see README):
 #   bench     bench.py: reference, fast (default compile) and fast with CUDA graphs, each profiled
 #   full      the 200-epoch default recipe on the JPEG copy, with the compile mode bench found faster
 #   tests     tests/test_cuda.py
-#   torchrun  issue 4: `torchrun --nproc_per_node=1 main.py` against `python main.py`, same flags
+#   torchrun  issue 4: `torchrun --nproc_per_node=1 main.py` against `python main.py`, same flags, 3 epochs each
 # Time limits are environment variables: BENCH_SECONDS, FULL_RUN_SECONDS, TEST_SECONDS, TORCHRUN_SECONDS.
 set -u
 out=${1:?usage: gpu_session.sh OUT_DIR STAGE...}
@@ -60,10 +60,10 @@ for stage in "$@"; do
         timeout "${TEST_SECONDS:-150}" python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider > "$out/tests.log" 2>&1
         echo "cuda tests: exit $?, $(( $(date +%s) - start )) s" | tee -a "$out/tests.log" ;;
     torchrun)
-        common=(--data-dir /tmp/data --epochs 5 --warmup-epochs 1)
-        timeout "${TORCHRUN_SECONDS:-90}" python3 main.py "${common[@]}" --out-dir /tmp/single > "$out/torchrun.log" 2>&1
+        common=(--data-dir /tmp/data --epochs 3 --warmup-epochs 1)
+        timeout "${TORCHRUN_SECONDS:-75}" python3 main.py "${common[@]}" --out-dir /tmp/single > "$out/torchrun.log" 2>&1
         echo "python main.py: exit $?" >> "$out/torchrun.log"
-        timeout "${TORCHRUN_SECONDS:-90}" torchrun --standalone --nproc_per_node=1 main.py "${common[@]}" --out-dir /tmp/ddp1 \
+        timeout "${TORCHRUN_SECONDS:-75}" torchrun --standalone --nproc_per_node=1 main.py "${common[@]}" --out-dir /tmp/ddp1 \
             >> "$out/torchrun.log" 2>&1
         echo "torchrun --nproc_per_node=1: exit $?" >> "$out/torchrun.log"
         { echo "python main.py:              $(median_images_per_second /tmp/single/metrics.csv)"
