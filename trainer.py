@@ -73,7 +73,8 @@ def native_bf16(device: torch.device) -> bool:
     """Whether the device computes bf16 matrix products in hardware rather than by emulation."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private: absent on some builds
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
 
 
 def resolve_precision(requested: str, device: torch.device):
@@ -85,7 +86,8 @@ def resolve_precision(requested: str, device: torch.device):
 
 def resolve_attention(requested: str, device: torch.device, amp_dtype) -> str:
     """auto: the fused kernels, except on the CPU in bf16, where PyTorch's fused attention is the slower one
-    (its backward took about 5x the explicit formula's time on a 2-core AVX512-BF16 CPU, torch 2.14)."""
+    (one layer's forward and backward at batch 128: 132 ms fused, 25 ms explicit; 2-core AVX512-BF16 CPU,
+    torch 2.14)."""
     if requested != "auto":
         return requested
     return "math" if device.type == "cpu" and amp_dtype is not None else "sdpa"
