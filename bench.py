@@ -112,11 +112,10 @@ def profile_training(trainer, loader, opts, name):
     synchronize(device)
     start = time.perf_counter()
     with torch.profiler.profile(activities=activities) as profiler:
-        steps = 0
         for images, labels in batches:
             trainer.train_step(images, labels.to(device), trainer.args.lr)
-            steps += 1
         synchronize(device)
+    steps = len(batches)
     wall_ms = 1000 * (time.perf_counter() - start) / steps
     events = profiler.key_averages()
     result = {"steps": steps, "wall_ms_per_step": wall_ms, "table": f"{os.path.splitext(opts.json)[0]}-profile-{name}.txt"}
