@@ -100,6 +100,18 @@ def bench_training(name, flags, cifar, opts):
     return result
 
 
+def bench_row(name, flags, cifar, opts):
+    """One row of the table; a configuration that fails (a compiler error, say) is recorded with its error
+    and the other rows still run, so one broken mode does not cost a whole benchmark run on a lent GPU."""
+    try:
+        return bench_training(name, flags, cifar, opts)
+    except Exception as error:  # any failure of this configuration, reported rather than raised
+        print(f"{name} failed: {type(error).__name__}: {error}", flush=True)
+        return {"config": name, "flags": " ".join(flags) or "(defaults)", "error": f"{type(error).__name__}: {error}"}
+    finally:
+        torch._dynamo.reset()  # each row compiles afresh, in its own mode
+
+
 def profile_training(trainer, loader, opts, name):
     """torch.profiler over `opts.profile_steps` training steps on batches fetched beforehand (so the table
     shows the step, not the data pipeline): host and device time per step, the kernels launched per step,
@@ -169,8 +181,11 @@ def print_table(results, augmentation, header):
     print(header)
     print(f"{'config':<10} {'train img/s':>12} {'vs ref.':>8} {'eval img/s':>11} {'peak MiB':>9} {'epoch s':>8} "
           f"{'200 ep. min':>11} {'TFLOP/s':>8}  flags")
-    reference_ips = results[0]["train_images_per_s"]
+    reference_ips = results[0].get("train_images_per_s", float("nan"))
     for r in results:
+        if "error" in r:
+            print(f"{r['config']:<10} failed: {r['error'][:200]}  {r['flags']}")
+            continue
         print(f"{r['config']:<10} {r['train_images_per_s']:>12,.0f} {r['train_images_per_s'] / reference_ips:>7.1f}x "
               f"{r['eval_images_per_s']:>11,.0f} {r['peak_memory_mib']:>9,.0f} {r['projected_epoch_s']:>8.1f} "
               f"{r['projected_200_epochs_min']:>11.1f} {r.get('train_tflops', float('nan')):>8.1f}  {r['flags']}")
@@ -218,7 +233,7 @@ def main_cli(argv=None):
     fast_flags = opts.fast_flags or [""]
     configs += [("fast" if i == 0 else f"fast-{i + 1}", shlex.split(flags)) for i, flags in enumerate(fast_flags)]
     for name, flags in configs:
-        results.append(bench_training(name, flags, cifar, opts))
+        results.append(bench_row(name, flags, cifar, opts))
         print(json.dumps(results[-1]), flush=True)
     augmentation = bench_augmentation(cifar, opts, device)
     print_table(results, augmentation, header)

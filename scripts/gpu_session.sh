@@ -2,30 +2,50 @@
 # Everything this project measures on a lent GPU, in stages that fit the device tool's calls
 # (10 minutes per call, 15 minutes per task, machine start included):
 #
-#   bash scripts/gpu_session.sh OUT_DIR bench full      # first call: about 8 minutes
-#   bash scripts/gpu_session.sh OUT_DIR torchrun tests  # second call, if time is left: 3 to 5 minutes
+#   bash scripts/gpu_session.sh OUT_DIR bench full      # first call: CALL_SECONDS, default 560
+#   bash scripts/gpu_session.sh OUT_DIR tests torchrun  # second call, if time is left: 3 to 5 minutes
 #
 # Stages (any order, any subset; run from the repository root with .device/ carried, see README):
 #   bench     bench.py: reference, fast (default compile) and fast with CUDA graphs, each profiled
 #   full      the 200-epoch default recipe on the JPEG copy, with the compile mode bench found faster
-#   tests     tests/test_cuda.py
+#             (and with the defaults if that mode fails)
+#   tests     the CUDA tests: tests/test_cuda.py and the CUDA cases of tests/test_augment.py
 #   torchrun  issue 4: `torchrun --nproc_per_node=1 main.py` against `python main.py`, same flags, 3 epochs each
-# Time limits are environment variables: BENCH_SECONDS, FULL_RUN_SECONDS, TEST_SECONDS, TORCHRUN_SECONDS.
+# Each stage stops by its own limit (BENCH_SECONDS, FULL_RUN_SECONDS, TEST_SECONDS, TORCHRUN_SECONDS) or
+# 15 s before the call's end (CALL_SECONDS after the start), whichever comes first. The device tool
+# returns at most 8 files: OUT_DIR gets the main ones and session.tar.gz with everything.
 set -u
 out=${1:?usage: gpu_session.sh OUT_DIR STAGE...}
 shift
+work=$(mktemp -d /tmp/gpu-session.XXXX)
+deadline=$(( $(date +%s) + ${CALL_SECONDS:-560} ))
 export PYTHONUNBUFFERED=1
 mkdir -p "$out"
+
+pack() {  # the files the device tool returns: a few on their own, all of them in one archive
+    for f in machine.txt bench.json full_run.log metrics.csv results.png tests.log; do
+        [ -f "$work/$f" ] && cp "$work/$f" "$out/"
+    done
+    tar czf "$out/session.tar.gz" -C "$work" .
+}
+trap pack EXIT
+
+limit() {  # seconds a stage may run: its own limit, or what is left of the call less 15 s
+    local left=$(( deadline - $(date +%s) - 15 ))
+    echo $(( left < $1 ? (left > 1 ? left : 1) : $1 ))
+}
+
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
-} | tee "$out/machine.txt"
+} | tee "$work/machine.txt"
 [ -d /tmp/data/cifar-10-batches-py ] || python3 .device/unpack_jpeg.py .device/cifar10-jpeg75.npz /tmp/data || exit 1
 
 faster_compile_mode() {  # the fast row bench measured fastest, as --compile-mode flags
-    python3 - "$out/bench.json" <<'EOF'
+    python3 - "$work/bench.json" <<'EOF'
 import json, sys
 try:
     rows = json.load(open(sys.argv[1]))["training"][1:]
+    rows = [r for r in rows if "error" not in r]
     print(max(rows, key=lambda r: r["train_images_per_s"])["flags"].replace("(defaults)", ""))
 except (OSError, ValueError, KeyError):
     print("")
@@ -41,44 +61,56 @@ print(f"{statistics.median(float(r['images_per_second']) for r in rows):.0f} img
 EOF
 }
 
+full_run() {  # out-dir, then main.py flags; prints timeout's exit status
+    timeout "$(limit "${FULL_RUN_SECONDS:-480}")" python3 main.py --data-dir /tmp/data --out-dir "$@" >> "$work/full_run.log" 2>&1
+    echo $?
+}
+
 for stage in "$@"; do
     start=$(date +%s)
     case $stage in
     bench)
-        timeout "${BENCH_SECONDS:-200}" python3 bench.py --device cuda --data-dir /tmp/data --json "$out/bench.json" \
-            --steps 200 --warmup 20 --profile-steps 20 --fast-flags "" --fast-flags "--compile-mode reduce-overhead" \
-            --out-dir /tmp/bench > "$out/bench.log" 2>&1
-        echo "bench: exit $?, $(( $(date +%s) - start )) s" | tee -a "$out/bench.log" ;;
+        timeout "$(limit "${BENCH_SECONDS:-200}")" python3 bench.py --device cuda --data-dir /tmp/data \
+            --json "$work/bench.json" --steps 150 --warmup 20 --profile-steps 10 \
+            --fast-flags "" --fast-flags "--compile-mode reduce-overhead" --out-dir /tmp/bench > "$work/bench.log" 2>&1
+        echo "bench: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/bench.log" ;;
     full)
         flags=$(faster_compile_mode)
-        echo "full run flags: ${flags:-(defaults)}" | tee "$out/full_run.log"
-        timeout "${FULL_RUN_SECONDS:-330}" python3 main.py --data-dir /tmp/data --out-dir /tmp/full $flags >> "$out/full_run.log" 2>&1
-        echo "full run: exit $?, $(( $(date +%s) - start )) s wall (model build, compile and final report included)" \
-            | tee -a "$out/full_run.log"
-        for f in metrics.csv results.png attention.png confusion.png per_class.csv; do cp "/tmp/full/$f" "$out/" 2>/dev/null; done ;;
+        echo "full run flags: ${flags:-(defaults)}" | tee "$work/full_run.log"
+        run_dir=/tmp/full
+        status=$(full_run "$run_dir" $flags)
+        if [ -n "$flags" ] && [ "$status" != 0 ] && [ "$status" != 124 ] && [ "$(limit 999)" -gt 120 ]; then
+            echo "full run with $flags failed (exit $status): again with the defaults" | tee -a "$work/full_run.log"
+            run_dir=/tmp/full-defaults
+            status=$(full_run "$run_dir")
+        fi
+        echo "full run: exit $status, $(( $(date +%s) - start )) s wall (model build, compile and final report included)" \
+            | tee -a "$work/full_run.log"
+        for f in metrics.csv results.png attention.png confusion.png per_class.csv; do cp "$run_dir/$f" "$work/" 2>/dev/null; done ;;
     tests)
-        timeout "${TEST_SECONDS:-150}" python3 -m pytest tests/test_cuda.py -q -p no:cacheprovider > "$out/tests.log" 2>&1
-        echo "cuda tests: exit $?, $(( $(date +%s) - start )) s" | tee -a "$out/tests.log" ;;
+        timeout "$(limit "${TEST_SECONDS:-200}")" python3 -m pytest tests/test_cuda.py tests/test_augment.py -k cuda -q -rfE \
+            -p no:cacheprovider > "$work/tests.log" 2>&1
+        echo "cuda tests: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/tests.log" ;;
     torchrun)
         common=(--data-dir /tmp/data --epochs 3 --warmup-epochs 1)
-        timeout "${TORCHRUN_SECONDS:-75}" python3 main.py "${common[@]}" --out-dir /tmp/single > "$out/torchrun.log" 2>&1
-        echo "python main.py: exit $?" >> "$out/torchrun.log"
-        timeout "${TORCHRUN_SECONDS:-75}" torchrun --standalone --nproc_per_node=1 main.py "${common[@]}" --out-dir /tmp/ddp1 \
-            >> "$out/torchrun.log" 2>&1
-        echo "torchrun --nproc_per_node=1: exit $?" >> "$out/torchrun.log"
+        timeout "$(limit "${TORCHRUN_SECONDS:-75}")" python3 main.py "${common[@]}" --out-dir /tmp/single > "$work/torchrun.log" 2>&1
+        echo "python main.py: exit $?" >> "$work/torchrun.log"
+        timeout "$(limit "${TORCHRUN_SECONDS:-75}")" torchrun --standalone --nproc_per_node=1 main.py "${common[@]}" \
+            --out-dir /tmp/ddp1 >> "$work/torchrun.log" 2>&1
+        echo "torchrun --nproc_per_node=1: exit $?" >> "$work/torchrun.log"
         { echo "python main.py:              $(median_images_per_second /tmp/single/metrics.csv)"
           echo "torchrun --nproc_per_node=1: $(median_images_per_second /tmp/ddp1/metrics.csv)"
-        } | tee -a "$out/torchrun.log"
-        cp /tmp/single/metrics.csv "$out/torchrun-single-metrics.csv" 2>/dev/null
-        cp /tmp/ddp1/metrics.csv "$out/torchrun-ddp1-metrics.csv" 2>/dev/null ;;
+        } | tee -a "$work/torchrun.log"
+        cp /tmp/single/metrics.csv "$work/torchrun-single-metrics.csv" 2>/dev/null
+        cp /tmp/ddp1/metrics.csv "$work/torchrun-ddp1-metrics.csv" 2>/dev/null ;;
     *)
         echo "unknown stage $stage (bench, full, tests, torchrun)"; exit 2 ;;
     esac
 done
 
 echo "==== summary"
-[ -f "$out/bench.log" ] && grep -E "^(config|reference|fast|profile|augmentation)" "$out/bench.log"
-[ -f "$out/full_run.log" ] && grep -E "^epoch|^done|full run" "$out/full_run.log" | tail -n 5
-[ -f "$out/tests.log" ] && tail -n 3 "$out/tests.log"
-[ -f "$out/torchrun.log" ] && tail -n 2 "$out/torchrun.log"
+[ -f "$work/bench.log" ] && grep -E "^(config|reference|fast|profile|augmentation|training speed)" "$work/bench.log"
+[ -f "$work/full_run.log" ] && grep -E "^epoch|^done|full run|^model" "$work/full_run.log" | tail -n 6
+[ -f "$work/tests.log" ] && tail -n 3 "$work/tests.log"
+[ -f "$work/torchrun.log" ] && tail -n 2 "$work/torchrun.log"
 exit 0

@@ -39,3 +39,24 @@ def test_bench_rows_json_and_profiles(tmp_path, fake_cifar10, capsys):
     assert result["augmentation"]["images"] == 40
     printed = capsys.readouterr().out
     assert "fast-2" in printed and "vs ref." in printed and "profile fast-2" in printed
+
+
+def test_a_failing_row_is_recorded_and_the_others_still_run(tmp_path, fake_cifar10, capsys, monkeypatch):
+    measure = bench.bench_training
+
+    def fail_for_graphs(name, flags, cifar, opts):
+        if "reduce-overhead" in flags:
+            raise RuntimeError("no CUDA graphs here")
+        return measure(name, flags, cifar, opts)
+
+    monkeypatch.setattr(bench, "bench_training", fail_for_graphs)
+    out = tmp_path / "bench.json"
+    bench.main_cli(["--device", "cpu", "--data-dir", fake_cifar10, "--batch-size", "8", "--steps", "1",
+                    "--warmup", "1", "--eval-images", "10", "--augment-images", "20", "--workers", "0",
+                    "--fast-flags", "--compile-mode reduce-overhead", "--fast-flags", "--attention math",
+                    "--json", str(out), "--out-dir", str(tmp_path / "scratch")])
+    rows = json.loads(out.read_text())["training"]
+    assert rows[1] == {"config": "fast", "flags": "--compile-mode reduce-overhead",
+                       "error": "RuntimeError: no CUDA graphs here"}
+    assert rows[0]["train_images_per_s"] > 0 and rows[2]["train_images_per_s"] > 0
+    assert "fast       failed: RuntimeError: no CUDA graphs here" in capsys.readouterr().out
