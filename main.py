@@ -92,9 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto: bf16 autocast where the hardware computes bf16 natively (CUDA GPUs from Ampere "
                              "on, CPUs with AVX512-BF16 or AMX), else fp32")
     system.add_argument("--no-compile", action="store_true", help="do not torch.compile the model (CUDA only)")
-    system.add_argument("--compile-mode", choices=("default", "reduce-overhead"), default="default",
+    system.add_argument("--compile-mode", choices=("auto", "default", "reduce-overhead"), default="auto",
                         help="torch.compile mode on CUDA; reduce-overhead replays the compiled forward and backward "
-                             "as CUDA graphs, cutting the per-step launch cost (one process only)")
+                             "as CUDA graphs, cutting the per-step launch cost (one process only); auto: "
+                             "reduce-overhead in one process, default under torchrun")
 
     output = p.add_argument_group("output and checkpoints")
     output.add_argument("--out-dir", default=".", help="run.log's folder: metrics.csv, results.png, checkpoints/")
@@ -121,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}: choose heads that divide it")
     if 32 % args.patch_size:
         parser.error(f"--patch-size {args.patch_size} does not divide the 32-pixel CIFAR images: use 1, 2, 4, 8, 16 or 32")
-    if args.no_compile and args.compile_mode != "default":
+    if args.no_compile and args.compile_mode != "auto":
         parser.error(f"--compile-mode {args.compile_mode} and --no-compile contradict each other: drop one of them")
     if args.eval_only and not args.checkpoint:
         parser.error("--eval-only needs --checkpoint PATH (e.g. checkpoints/best.pt)")

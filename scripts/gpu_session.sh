@@ -2,13 +2,15 @@
 # Everything this project measures on a lent GPU, in stages that fit the device tool's calls
 # (10 minutes per call, 15 minutes per task, machine start included):
 #
-#   bash scripts/gpu_session.sh OUT_DIR bench full      # first call: CALL_SECONDS, default 560
-#   bash scripts/gpu_session.sh OUT_DIR tests torchrun  # second call, if time is left: 3 to 5 minutes
+#   CALL_SECONDS=550 bash scripts/gpu_session.sh OUT_DIR bench full tests   # first call, timeout_s 580
+#   CALL_SECONDS=240 bash scripts/gpu_session.sh OUT_DIR tests torchrun     # at once after it, if time is left
+# (On an H100, 2026-11-26: bench 98 s with three rows, full 399 s, tests 139 s.)
 #
 # Stages (any order, any subset; run from the repository root with .device/ carried, see README):
-#   bench     bench.py: reference, fast (default compile) and fast with CUDA graphs, each profiled
-#   full      the 200-epoch default recipe on the JPEG copy, with the compile mode bench found faster
-#             (and with the defaults if that mode fails)
+#   bench     bench.py: reference, fast (defaults: CUDA graphs), fast without CUDA graphs, fast with the
+#             explicit attention (against cuDNN's fused kernels, 26% of the graphed step on the H100), profiled
+#   full      the 200-epoch default recipe on the JPEG copy, with the flags of bench's fastest fast row
+#             (and with the defaults if those fail)
 #   tests     the CUDA tests: tests/test_cuda.py and the CUDA cases of tests/test_augment.py
 #   torchrun  issue 4: `torchrun --nproc_per_node=1 main.py` against `python main.py`, same flags, 3 epochs each
 # Each stage stops by its own limit (BENCH_SECONDS, FULL_RUN_SECONDS, TEST_SECONDS, TORCHRUN_SECONDS) or
@@ -40,7 +42,7 @@ limit() {  # seconds a stage may run: its own limit, or what is left of the call
 } | tee "$work/machine.txt"
 [ -d /tmp/data/cifar-10-batches-py ] || python3 .device/unpack_jpeg.py .device/cifar10-jpeg75.npz /tmp/data || exit 1
 
-faster_compile_mode() {  # the fast row bench measured fastest, as --compile-mode flags
+fastest_row_flags() {  # the flags of the fast row bench measured fastest
     python3 - "$work/bench.json" <<'EOF'
 import json, sys
 try:
@@ -70,12 +72,12 @@ for stage in "$@"; do
     start=$(date +%s)
     case $stage in
     bench)
-        timeout "$(limit "${BENCH_SECONDS:-200}")" python3 bench.py --device cuda --data-dir /tmp/data \
+        timeout "$(limit "${BENCH_SECONDS:-240}")" python3 bench.py --device cuda --data-dir /tmp/data \
             --json "$work/bench.json" --steps 150 --warmup 20 --profile-steps 10 \
-            --fast-flags "" --fast-flags "--compile-mode reduce-overhead" --out-dir /tmp/bench > "$work/bench.log" 2>&1
+            --fast-flags "" --fast-flags "--compile-mode default" --fast-flags "--attention math" --out-dir /tmp/bench > "$work/bench.log" 2>&1
         echo "bench: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/bench.log" ;;
     full)
-        flags=$(faster_compile_mode)
+        flags=$(fastest_row_flags)
         echo "full run flags: ${flags:-(defaults)}" | tee "$work/full_run.log"
         run_dir=/tmp/full
         status=$(full_run "$run_dir" $flags)

@@ -60,3 +60,14 @@ def test_a_failing_row_is_recorded_and_the_others_still_run(tmp_path, fake_cifar
                        "error": "RuntimeError: no CUDA graphs here"}
     assert rows[0]["train_images_per_s"] > 0 and rows[2]["train_images_per_s"] > 0
     assert "fast       failed: RuntimeError: no CUDA graphs here" in capsys.readouterr().out
+
+
+def test_device_time_counts_each_kernel_once():
+    from types import SimpleNamespace
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [SimpleNamespace(name="gemm", device_type=cuda, is_user_annotation=False, self_device_time_total=30),
+              SimpleNamespace(name="softmax", device_type=cuda, is_user_annotation=False, self_device_time_total=10),
+              SimpleNamespace(name="## Call CompiledFxGraph", device_type=cuda, is_user_annotation=True,
+                              self_device_time_total=40),  # the range around both kernels, as on the H100
+              SimpleNamespace(name="aten::mm", device_type=cpu, is_user_annotation=False, self_device_time_total=30)]
+    assert [e.name for e in bench.device_kernels(events)] == ["gemm", "softmax"]

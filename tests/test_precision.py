@@ -39,6 +39,13 @@ def test_auto_attention_is_explicit_only_on_the_cpu_in_bf16():
     assert trainer.resolve_attention("math", CUDA, None) == "math"
 
 
+def test_auto_compile_mode_graphs_one_process_only():
+    assert trainer.resolve_compile_mode("auto", 1) == "reduce-overhead"
+    assert trainer.resolve_compile_mode("auto", 2) == "default"
+    assert trainer.resolve_compile_mode("default", 1) == "default"
+    assert trainer.resolve_compile_mode("reduce-overhead", 1) == "reduce-overhead"
+
+
 def test_cuda_graphs_are_refused_under_torchrun_and_with_no_compile(monkeypatch, capsys):
     import main
     monkeypatch.setenv("WORLD_SIZE", "2")
