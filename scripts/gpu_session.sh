@@ -13,6 +13,9 @@
 #             (and with the defaults if those fail)
 #   tests     the CUDA tests: tests/test_cuda.py and the CUDA cases of tests/test_augment.py
 #   torchrun  issue 4: `torchrun --nproc_per_node=1 main.py` against `python main.py`, same flags, 3 epochs each
+#   lossless  gathers the carried parts of the lossless copy (scripts/split_lossless.sh) in /tmp; once all
+#             three are there, checks and unpacks them into /tmp/lossless
+# Data: DATA=jpeg (default) unpacks and uses the carried JPEG copy (.device/); DATA=lossless uses /tmp/lossless.
 # Each stage stops by its own limit (BENCH_SECONDS, FULL_RUN_SECONDS, TEST_SECONDS, TORCHRUN_SECONDS) or
 # 15 s before the call's end (CALL_SECONDS after the start), whichever comes first. The device tool
 # returns at most 8 files: OUT_DIR gets the main ones and session.tar.gz with everything.
@@ -40,7 +43,31 @@ limit() {  # seconds a stage may run: its own limit, or what is left of the call
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
 } | tee "$work/machine.txt"
-[ -d /tmp/data/cifar-10-batches-py ] || python3 .device/unpack_jpeg.py .device/cifar10-jpeg75.npz /tmp/data || exit 1
+case ${DATA:-jpeg} in
+jpeg)
+    data_dir=/tmp/data
+    [ -d $data_dir/cifar-10-batches-py ] || python3 .device/unpack_jpeg.py .device/cifar10-jpeg75.npz $data_dir || exit 1 ;;
+lossless)
+    data_dir=/tmp/lossless ;;
+*)
+    echo "DATA=${DATA}: choose jpeg or lossless"; exit 2 ;;
+esac
+echo "data: ${DATA:-jpeg} copy in $data_dir" | tee -a "$work/machine.txt"
+
+gather_lossless() {  # this call's carried parts into /tmp; unpacked once all three are there
+    mkdir -p /tmp/lossless-parts
+    cp .lossless/cifar10.tar.xz.part-* .lossless/SHA256 /tmp/lossless-parts/ 2>/dev/null
+    local parts=(/tmp/lossless-parts/cifar10.tar.xz.part-*)
+    echo "lossless parts here: ${#parts[@]} of 3"
+    [ -f /tmp/lossless-parts/cifar10.tar.xz.part-02 ] && [ -f /tmp/lossless-parts/cifar10.tar.xz.part-00 ] \
+        && [ -f /tmp/lossless-parts/cifar10.tar.xz.part-01 ] || return 0
+    if [ "$(cat /tmp/lossless-parts/cifar10.tar.xz.part-0{0,1,2} | sha256sum | cut -d' ' -f1)" \
+         != "$(cat /tmp/lossless-parts/SHA256)" ]; then
+        echo "lossless parts do not match SHA256: split them again and carry them anew"; return 1
+    fi
+    mkdir -p /tmp/lossless && cat /tmp/lossless-parts/cifar10.tar.xz.part-0{0,1,2} | xz -d | tar -x -C /tmp/lossless \
+        && echo "unpacked the lossless copy into /tmp/lossless"
+}
 
 fastest_row_flags() {  # the flags of the fast row bench measured fastest
     python3 - "$work/bench.json" <<'EOF'
@@ -64,7 +91,7 @@ EOF
 }
 
 full_run() {  # out-dir, then main.py flags; prints timeout's exit status
-    timeout "$(limit "${FULL_RUN_SECONDS:-480}")" python3 main.py --data-dir /tmp/data --out-dir "$@" >> "$work/full_run.log" 2>&1
+    timeout "$(limit "${FULL_RUN_SECONDS:-480}")" python3 main.py --data-dir "$data_dir" --out-dir "$@" >> "$work/full_run.log" 2>&1
     echo $?
 }
 
@@ -72,7 +99,7 @@ for stage in "$@"; do
     start=$(date +%s)
     case $stage in
     bench)
-        timeout "$(limit "${BENCH_SECONDS:-240}")" python3 bench.py --device cuda --data-dir /tmp/data \
+        timeout "$(limit "${BENCH_SECONDS:-240}")" python3 bench.py --device cuda --data-dir "$data_dir" \
             --json "$work/bench.json" --steps 150 --warmup 20 --profile-steps 10 \
             --fast-flags "" --fast-flags "--compile-mode default" --fast-flags "--attention math" --out-dir /tmp/bench > "$work/bench.log" 2>&1
         echo "bench: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/bench.log" ;;
@@ -94,7 +121,7 @@ for stage in "$@"; do
             -p no:cacheprovider > "$work/tests.log" 2>&1
         echo "cuda tests: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/tests.log" ;;
     torchrun)
-        common=(--data-dir /tmp/data --epochs 3 --warmup-epochs 1)
+        common=(--data-dir "$data_dir" --epochs 3 --warmup-epochs 1)
         timeout "$(limit "${TORCHRUN_SECONDS:-75}")" python3 main.py "${common[@]}" --out-dir /tmp/single > "$work/torchrun.log" 2>&1
         echo "python main.py: exit $?" >> "$work/torchrun.log"
         timeout "$(limit "${TORCHRUN_SECONDS:-75}")" torchrun --standalone --nproc_per_node=1 main.py "${common[@]}" \
@@ -105,8 +132,10 @@ for stage in "$@"; do
         } | tee -a "$work/torchrun.log"
         cp /tmp/single/metrics.csv "$work/torchrun-single-metrics.csv" 2>/dev/null
         cp /tmp/ddp1/metrics.csv "$work/torchrun-ddp1-metrics.csv" 2>/dev/null ;;
+    lossless)
+        gather_lossless 2>&1 | tee -a "$work/lossless.log" ;;
     *)
-        echo "unknown stage $stage (bench, full, tests, torchrun)"; exit 2 ;;
+        echo "unknown stage $stage (bench, full, tests, torchrun, lossless)"; exit 2 ;;
     esac
 done
 
