@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rewrite results.png, last.pt and best.pt at the end of an epoch once this long has passed "
                              "since they were last written, and after the first and last epochs and on a stop "
                              "(metrics.csv: every epoch; 0: everything every epoch)")
+    output.add_argument("--compare-curve", metavar="CSV",
+                        help="also draw this test-accuracy curve (columns epoch, test_acc) in results.png, e.g. "
+                             "reference/seed-test-curve.csv (the reference project's run) or another run's metrics.csv")
     output.add_argument("--resume", metavar="PATH|auto",
                         help="continue a run from a checkpoint; auto: <out-dir>/checkpoints/last.pt if present")
     output.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the test split and exit")
@@ -134,6 +137,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--resume {args.resume}: no such file (use --resume auto to start fresh when there is none)")
     if args.eval_only and not os.path.isfile(args.checkpoint):
         parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    if args.compare_curve:
+        import plots  # matplotlib: only when asked for
+        try:
+            plots.read_curve(args.compare_curve)
+        except ValueError as error:
+            parser.error(f"{error}: fix the file or drop --compare-curve")
     return args
 
 

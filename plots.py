@@ -1,4 +1,13 @@
-"""results.png: training curves of a run, rewritten after every epoch so a long run can be watched."""
+"""results.png: training curves of a run, rewritten after every epoch so a long run can be watched.
+
+Redraw it from a run's metrics.csv, optionally against another curve (the reference's, or another run's):
+    python plots.py runs/a/metrics.csv runs/a/vs-reference.png --compare-curve reference/seed-test-curve.csv
+"""
+import argparse
+import csv
+import os
+import sys
+
 import matplotlib
 
 matplotlib.use("Agg")  # no display under nohup
@@ -7,8 +16,37 @@ import matplotlib.pyplot as plt  # noqa: E402
 from checkpoint import atomic_file  # noqa: E402
 
 
-def plot_results(history: list, path: str) -> None:
-    """Loss (train, test), accuracy (train, test, best epoch marked) and the learning rate, per epoch."""
+def read_curve(path: str) -> tuple:
+    """(label, [(epoch, test accuracy %)]) from a CSV with numeric `epoch` and `test_acc` columns, such as
+    reference/seed-test-curve.csv (the reference project's run) or another run's metrics.csv."""
+    try:
+        with open(path, newline="") as f:
+            points = [(int(row["epoch"]), float(row["test_acc"])) for row in csv.DictReader(f)]
+    except OSError as error:
+        raise ValueError(f"--compare-curve {path}: cannot read it ({error.strerror or error})") from None
+    except (KeyError, TypeError, ValueError, csv.Error):
+        raise ValueError(f"--compare-curve {path}: not a CSV with numeric columns epoch and test_acc "
+                         f"(as metrics.csv and reference/seed-test-curve.csv have)") from None
+    if not points:
+        raise ValueError(f"--compare-curve {path}: the file holds no rows")
+    return os.path.basename(path), points
+
+
+def read_history(path: str) -> list:
+    """The rows of a run's metrics.csv, as the trainer keeps them (numbers, epoch an int)."""
+    fields = ("lr", "train_loss", "train_acc", "test_loss", "test_acc")
+    try:
+        with open(path, newline="") as f:
+            return [{"epoch": int(row["epoch"]), **{k: float(row[k]) for k in fields}} for row in csv.DictReader(f)]
+    except OSError as error:
+        raise ValueError(f"{path}: cannot read it ({error.strerror or error})") from None
+    except (KeyError, TypeError, ValueError, csv.Error):
+        raise ValueError(f"{path}: not a metrics.csv (numeric columns epoch, {', '.join(fields)})") from None
+
+
+def plot_results(history: list, path: str, compare: tuple | None = None) -> None:
+    """Loss (train, test), accuracy (train, test, best epoch marked) and the learning rate, per epoch;
+    `compare`: a test-accuracy curve from `read_curve`, dashed, on the accuracy panel."""
     epochs = [row["epoch"] for row in history]
     figure, (loss_axis, acc_axis, lr_axis) = plt.subplots(
         1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1, 1, 0.6]})
@@ -17,6 +55,9 @@ def plot_results(history: list, path: str) -> None:
     loss_axis.set(title="loss", xlabel="epoch")
     acc_axis.plot(epochs, [r["train_acc"] for r in history], label="train")
     acc_axis.plot(epochs, [r["test_acc"] for r in history], label="test")
+    if compare:
+        label, points = compare
+        acc_axis.plot([e for e, _ in points], [a for _, a in points], "--", color="gray", label=f"test, {label}")
     if history:
         best = max(history, key=lambda r: r["test_acc"])
         acc_axis.scatter([best["epoch"]], [best["test_acc"]], color="red", zorder=3,
@@ -35,3 +76,23 @@ def plot_results(history: list, path: str) -> None:
             figure.savefig(f, format="png", dpi=100)
     finally:
         plt.close(figure)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Redraw results.png from a run's metrics.csv.")
+    p.add_argument("metrics", help="a run's metrics.csv")
+    p.add_argument("out", help="the PNG to write")
+    p.add_argument("--compare-curve", metavar="CSV", help="a test-accuracy curve to draw dashed (epoch, test_acc)")
+    args = p.parse_args(argv)
+    try:
+        history = read_history(args.metrics)
+        compare = read_curve(args.compare_curve) if args.compare_curve else None
+        plot_results(history, args.out, compare)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -145,6 +145,7 @@ class Trainer:
         self.out_dir = args.out_dir
         self.checkpoint_dir = os.path.join(self.out_dir, "checkpoints")
         self.stop_signal = None
+        self.compare_curve = None  # (label, points) for results.png: --compare-curve, read by fit()
 
     def log(self, message: str) -> None:
         if self.is_main:
@@ -255,6 +256,8 @@ class Trainer:
 
     def fit(self) -> dict:
         args = self.args
+        if args.compare_curve:  # checked by main.parse_args
+            self.compare_curve = plots.read_curve(args.compare_curve)
         resume_state = self.resume_state()  # checkpoint and out-dir problems show before the data is read
         if self.is_main:
             self.probe_out_dir()
@@ -446,7 +449,7 @@ class Trainer:
                 writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in METRIC_FIELDS})
 
     def plot(self):
-        plots.plot_results(self.history, os.path.join(self.out_dir, "results.png"))
+        plots.plot_results(self.history, os.path.join(self.out_dir, "results.png"), self.compare_curve)
 
     def write_report(self, cifar, predictions=None):
         """attention.png, confusion.png, per_class.csv and the per-class table in the log (rank 0)."""

@@ -206,6 +206,8 @@ BAD_INPUTS = [
     (["--workers", "-1"], "--workers"),
     (["--seed", "1.5"], "--seed"),
     (["--device", "cuda"], "--device cuda"),
+    (["--compare-curve", "{tmp}/missing.csv"], "--compare-curve"),
+    (["--compare-curve", "{tmp}/present.pt"], "--compare-curve"),
 ]
 
 

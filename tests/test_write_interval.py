@@ -22,9 +22,9 @@ def recorded(monkeypatch):
         saves.append((os.path.basename(path), state["epoch"]))
         real_save(state, path)
 
-    def plot(history, path):
+    def plot(history, path, compare=None):
         plotted.append(len(history))
-        real_plot(history, path)
+        real_plot(history, path, compare)
 
     monkeypatch.setattr(checkpoint, "save", save)
     monkeypatch.setattr(plots, "plot_results", plot)

@@ -1,0 +1,78 @@
+"""results.png with a comparison curve (--compare-curve), and the one-line errors for a bad curve file."""
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import plots
+from conftest import ROOT, TINY_MODEL
+
+HISTORY = [{"epoch": e, "lr": 1e-3, "train_loss": 2.0 / e, "test_loss": 2.1 / e, "train_acc": 20.0 + 5 * e,
+            "test_acc": 25.0 + 5 * e} for e in range(1, 6)]
+
+
+def test_the_shipped_reference_curve_is_the_reference_run():
+    label, points = plots.read_curve(os.path.join(ROOT, "reference", "seed-test-curve.csv"))
+    assert label == "seed-test-curve.csv"
+    assert [e for e, _ in points] == list(range(1, 201))
+    assert points[0] == (1, 10.16) and points[-1] == (200, 89.87) and max(a for _, a in points) == 89.87
+
+
+def test_the_comparison_curve_is_drawn(tmp_path):
+    curve = tmp_path / "metrics.csv"
+    curve.write_text("epoch,lr,test_acc\n1,0.001,60\n2,0.001,70\n3,0.001,80\n")
+    plots.plot_results(HISTORY, str(tmp_path / "plain.png"))
+    plots.plot_results(HISTORY, str(tmp_path / "compared.png"), plots.read_curve(str(curve)))
+    plain = np.asarray(Image.open(tmp_path / "plain.png").convert("L"), dtype=int)
+    compared = np.asarray(Image.open(tmp_path / "compared.png").convert("L"), dtype=int)
+    assert plain.shape == compared.shape
+    width = plain.shape[1]
+    changed = np.abs(plain - compared) > 0
+    assert changed[:, width // 3:2 * width // 3].sum() > 100  # the accuracy panel got a line and a legend entry
+    assert changed[:, :width // 3].sum() == 0  # the loss panel did not change
+
+
+@pytest.mark.parametrize("text, problem", [("", "holds no rows"), ("epoch,test_acc\n", "holds no rows"),
+                                           ("epoch,acc\n1,50\n", "numeric columns epoch and test_acc"),
+                                           ("epoch,test_acc\n1,high\n", "numeric columns epoch and test_acc")])
+def test_a_bad_curve_file_is_named_with_its_problem(tmp_path, text, problem):
+    path = tmp_path / "curve.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=problem) as error:
+        plots.read_curve(str(path))
+    assert str(error.value).startswith(f"--compare-curve {path}: ")
+
+
+def test_a_run_draws_its_compare_curve_into_results_png(fake_cifar10, tmp_path, monkeypatch):
+    import main
+    drawn = []
+    real_plot = plots.plot_results
+
+    def plot(history, path, compare=None):
+        drawn.append(compare)
+        real_plot(history, path, compare)
+
+    monkeypatch.setattr(plots, "plot_results", plot)
+    curve = os.path.join(ROOT, "reference", "seed-test-curve.csv")
+    assert main.main(["--data-dir", fake_cifar10, "--out-dir", str(tmp_path), "--epochs", "1", "--warmup-epochs", "1",
+                      "--batch-size", "40", "--device", "cpu", *TINY_MODEL, "--compare-curve", curve]) == 0
+    assert drawn == [plots.read_curve(curve)]
+    assert os.path.isfile(tmp_path / "results.png")
+
+
+def test_redraw_from_metrics_csv_with_the_reference(tmp_path, capsys):
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("epoch,lr,train_loss,train_acc,test_loss,test_acc,epoch_seconds,images_per_second\n"
+                       "1,0.0002,2.1,22.0,1.9,38.5,29.2,1780\n2,0.0004,1.9,34.6,1.6,49.3,1.5,34354\n")
+    assert plots.read_history(str(metrics))[1] == {"epoch": 2, "lr": 0.0004, "train_loss": 1.9, "train_acc": 34.6,
+                                                   "test_loss": 1.6, "test_acc": 49.3}
+    out = tmp_path / "vs.png"
+    assert plots.main([str(metrics), str(out), "--compare-curve",
+                       os.path.join(ROOT, "reference", "seed-test-curve.csv")]) == 0
+    assert Image.open(out).size[0] > 300
+    (tmp_path / "bad.csv").write_text("epoch,test_acc\n1,50\n")
+    assert plots.main([str(tmp_path / "bad.csv"), str(tmp_path / "bad.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "not a metrics.csv" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "bad.png").exists()
