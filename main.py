@@ -142,7 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         try:
             plots.read_curve(args.compare_curve)
         except ValueError as error:
-            parser.error(f"{error}: fix the file or drop --compare-curve")
+            parser.error(f"--compare-curve {error}: fix the file or drop --compare-curve")
     return args
 
 

@@ -16,32 +16,32 @@ import matplotlib.pyplot as plt  # noqa: E402
 from checkpoint import atomic_file  # noqa: E402
 
 
-def read_curve(path: str) -> tuple:
-    """(label, [(epoch, test accuracy %)]) from a CSV with numeric `epoch` and `test_acc` columns, such as
-    reference/seed-test-curve.csv (the reference project's run) or another run's metrics.csv."""
+def read_numeric_csv(path: str, columns: tuple, what: str) -> list:
+    """The rows of a CSV file as {column: float} for `columns` (others ignored); a ValueError that names
+    the file and says what it should be when it cannot be read, lacks a column or holds no rows."""
     try:
         with open(path, newline="") as f:
-            points = [(int(row["epoch"]), float(row["test_acc"])) for row in csv.DictReader(f)]
-    except OSError as error:
-        raise ValueError(f"--compare-curve {path}: cannot read it ({error.strerror or error})") from None
-    except (KeyError, TypeError, ValueError, csv.Error):
-        raise ValueError(f"--compare-curve {path}: not a CSV with numeric columns epoch and test_acc "
-                         f"(as metrics.csv and reference/seed-test-curve.csv have)") from None
-    if not points:
-        raise ValueError(f"--compare-curve {path}: the file holds no rows")
-    return os.path.basename(path), points
-
-
-def read_history(path: str) -> list:
-    """The rows of a run's metrics.csv, as the trainer keeps them (numbers, epoch an int)."""
-    fields = ("lr", "train_loss", "train_acc", "test_loss", "test_acc")
-    try:
-        with open(path, newline="") as f:
-            return [{"epoch": int(row["epoch"]), **{k: float(row[k]) for k in fields}} for row in csv.DictReader(f)]
+            rows = [{column: float(row[column]) for column in columns} for row in csv.DictReader(f)]
     except OSError as error:
         raise ValueError(f"{path}: cannot read it ({error.strerror or error})") from None
     except (KeyError, TypeError, ValueError, csv.Error):
-        raise ValueError(f"{path}: not a metrics.csv (numeric columns epoch, {', '.join(fields)})") from None
+        raise ValueError(f"{path}: not {what} (numeric columns {', '.join(columns)})") from None
+    if not rows:
+        raise ValueError(f"{path}: the file holds no rows")
+    return rows
+
+
+def read_curve(path: str) -> tuple:
+    """(label, [(epoch, test accuracy %)]) from a CSV with `epoch` and `test_acc` columns, such as
+    reference/seed-test-curve.csv (the reference project's run) or another run's metrics.csv."""
+    rows = read_numeric_csv(path, ("epoch", "test_acc"), "a test-accuracy curve")
+    return os.path.basename(path), [(int(row["epoch"]), row["test_acc"]) for row in rows]
+
+
+def read_history(path: str) -> list:
+    """The rows of a run's metrics.csv, as the trainer keeps them."""
+    rows = read_numeric_csv(path, ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"), "a metrics.csv")
+    return [{**row, "epoch": int(row["epoch"])} for row in rows]
 
 
 def plot_results(history: list, path: str, compare: tuple | None = None) -> None:

@@ -34,14 +34,14 @@ def test_the_comparison_curve_is_drawn(tmp_path):
 
 
 @pytest.mark.parametrize("text, problem", [("", "holds no rows"), ("epoch,test_acc\n", "holds no rows"),
-                                           ("epoch,acc\n1,50\n", "numeric columns epoch and test_acc"),
-                                           ("epoch,test_acc\n1,high\n", "numeric columns epoch and test_acc")])
+                                           ("epoch,acc\n1,50\n", "not a test-accuracy curve"),
+                                           ("epoch,test_acc\n1,high\n", "numeric columns epoch, test_acc")])
 def test_a_bad_curve_file_is_named_with_its_problem(tmp_path, text, problem):
     path = tmp_path / "curve.csv"
     path.write_text(text)
     with pytest.raises(ValueError, match=problem) as error:
         plots.read_curve(str(path))
-    assert str(error.value).startswith(f"--compare-curve {path}: ")
+    assert str(error.value).startswith(f"{path}: ")
 
 
 def test_a_run_draws_its_compare_curve_into_results_png(fake_cifar10, tmp_path, monkeypatch):
