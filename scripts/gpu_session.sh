@@ -7,8 +7,8 @@
 # (On an H100, 2026-11-26: bench 98 s with three rows, full 399 s, tests 139 s.)
 #
 # Stages (any order, any subset; run from the repository root with .device/ carried, see README):
-#   bench     bench.py: reference, fast (defaults: CUDA graphs), fast without CUDA graphs, fast with the
-#             explicit attention (against cuDNN's fused kernels, 26% of the graphed step on the H100), profiled
+#   bench     bench.py: reference, fast (defaults: CUDA graphs), fast with the explicit attention
+#             (against cuDNN's fused kernels, 26% of the graphed step on the H100), profiled
 #   full      the 200-epoch default recipe on the JPEG copy, with the flags of bench's fastest fast row
 #             (and with the defaults if those fail)
 #   tests     the CUDA tests: tests/test_cuda.py and the CUDA cases of tests/test_augment.py
@@ -101,7 +101,7 @@ for stage in "$@"; do
     bench)
         timeout "$(limit "${BENCH_SECONDS:-240}")" python3 bench.py --device cuda --data-dir "$data_dir" \
             --json "$work/bench.json" --steps 150 --warmup 20 --profile-steps 10 \
-            --fast-flags "" --fast-flags "--compile-mode default" --fast-flags "--attention math" --out-dir /tmp/bench > "$work/bench.log" 2>&1
+            --fast-flags "" --fast-flags "--attention math" --out-dir /tmp/bench > "$work/bench.log" 2>&1
         echo "bench: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/bench.log" ;;
     full)
         flags=$(fastest_row_flags)
