@@ -1,11 +1,13 @@
-"""Times F.scaled_dot_product_attention's CUDA backends on the default model's attention shape.
+"""Times F.scaled_dot_product_attention's CUDA kernels against the explicit formula.
 
-    python scripts/attention_backends.py [--batch-size 128]
+    PYTHONPATH=. python scripts/attention_backends.py [--batch-size 128]
 
-Forward + backward of one layer's attention (batch x 12 heads x 65 tokens x 32 dims, bf16), per
-backend that accepts the shape, against the explicit formula; milliseconds per call, CUDA events.
+One layer's attention, forward and backward, on the default model's shape (batch x heads x
+65 tokens x head width, bf16), for each fused kernel PyTorch offers that takes the shape and for
+`models.self_attention` eager and compiled; milliseconds per call, timed with CUDA events.
 """
 import argparse
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -27,35 +29,43 @@ def time_ms(fn, steps=200, warmup=20):
     return start.elapsed_time(end) / steps
 
 
-def main():
+def attention_shape(batch_size: int, config: models.ViTConfig = models.ViTConfig()):
+    return batch_size, config.heads, config.num_patches + 1, config.hidden // config.heads
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-size", type=int, default=128)
-    opts = p.parse_args()
-    shape = (opts.batch_size, 12, 65, 32)
+    opts = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("error: attention_backends.py times CUDA kernels and found no CUDA GPU; run it on a GPU machine")
+    shape = attention_shape(opts.batch_size)
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-
-    def step(attend):
-        out = attend(q, k, v)
-        out.backward(grad)
 
     def explicit(q, k, v):
         return models.self_attention(q, k, v)[0]
 
-    compiled = torch.compile(explicit)
-    rows = {"math (explicit formula, eager)": lambda: step(explicit),
-            "math (explicit formula, compiled)": lambda: step(compiled)}
+    def forward_backward(attend, backend=None):
+        def call():
+            if backend is None:
+                out = attend(q, k, v)
+            else:
+                with sdpa_kernel(backend):
+                    out = attend(q, k, v)
+            out.backward(grad)
+        return call
+
+    rows = {"explicit formula, eager": forward_backward(explicit),
+            "explicit formula, compiled": forward_backward(torch.compile(explicit))}
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
-        def run(backend=backend):
-            with sdpa_kernel(backend):
-                step(F.scaled_dot_product_attention)
-        rows[f"sdpa {backend.name}"] = run
+        rows[f"sdpa {backend.name}"] = forward_backward(F.scaled_dot_product_attention, backend)
     print(f"attention forward+backward, shape {shape} bf16, {torch.cuda.get_device_name()}")
-    for name, fn in rows.items():
+    for name, call in rows.items():
         try:
-            print(f"{name:38s} {time_ms(fn):7.3f} ms")
+            print(f"{name:30s} {time_ms(call):7.3f} ms")
         except RuntimeError as err:
-            print(f"{name:38s} not available: {str(err).splitlines()[0][:80]}")
+            print(f"{name:30s} not available: {str(err).splitlines()[0][:80]}")
 
 
 if __name__ == "__main__":

@@ -71,3 +71,28 @@ def test_device_time_counts_each_kernel_once():
                               self_device_time_total=40),  # the range around both kernels, as on the H100
               SimpleNamespace(name="aten::mm", device_type=cpu, is_user_annotation=False, self_device_time_total=30)]
     assert [e.name for e in bench.device_kernels(events)] == ["gemm", "softmax"]
+
+
+def load_attention_backends():
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "attention_backends.py")
+    spec = importlib.util.spec_from_file_location("attention_backends", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attention_backends_times_the_default_models_shape():
+    assert load_attention_backends().attention_shape(128) == (128, 12, 65, 32)
+
+
+def test_attention_backends_without_cuda_is_one_line_error():
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, os.path.join(root, "scripts", "attention_backends.py")],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": root, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: attention_backends.py times CUDA kernels and found no CUDA GPU; run it on a GPU machine"]

@@ -100,3 +100,15 @@ def test_reduce_overhead_trains_and_evaluates_like_default_compile():
     _, _, graphed = runners["reduce-overhead"].evaluate(test_images, test_labels)
     _, _, expected = eager.evaluate(test_images, test_labels)
     assert (graphed == expected).float().mean() > 0.9  # bf16 kernels may flip near-ties; overwritten outputs: ~10%
+
+
+def test_attention_backends_script_times_every_row(capsys):
+    from test_bench import load_attention_backends
+    load_attention_backends().main(["--batch-size", "8"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("attention forward+backward, shape (8, 12, 65, 32)")
+    rows = lines[1:]
+    assert [row.split("  ")[0] for row in rows] == [
+        "explicit formula, eager", "explicit formula, compiled", "sdpa CUDNN_ATTENTION", "sdpa FLASH_ATTENTION",
+        "sdpa EFFICIENT_ATTENTION"]
+    assert all(row.endswith(" ms") or "not available" in row for row in rows)
