@@ -13,12 +13,15 @@
 #             (and with the defaults if those fail)
 #   tests     the CUDA tests: tests/test_cuda.py and the CUDA cases of tests/test_augment.py
 #   torchrun  issue 4: `torchrun --nproc_per_node=1 main.py` against `python main.py`, same flags, 3 epochs each
+#   stepgraph scripts/whole_step_graph.py: the whole step (forward, backward, Adam) as one CUDA graph,
+#             checked against the trainer's step and timed beside it
 #   lossless  gathers the carried parts of the lossless copy (scripts/split_lossless.sh) in /tmp; once all
 #             three are there, checks and unpacks them into /tmp/lossless
 # Data: DATA=jpeg (default) unpacks and uses the carried JPEG copy (.device/); DATA=lossless uses /tmp/lossless.
-# Each stage stops by its own limit (BENCH_SECONDS, FULL_RUN_SECONDS, TEST_SECONDS, TORCHRUN_SECONDS) or
-# 15 s before the call's end (CALL_SECONDS after the start), whichever comes first. The device tool
-# returns at most 8 files: OUT_DIR gets the main ones and session.tar.gz with everything.
+# Each stage stops by its own limit (BENCH_SECONDS, FULL_RUN_SECONDS, TEST_SECONDS, TORCHRUN_SECONDS,
+# STEPGRAPH_SECONDS) or 15 s before the call's end (CALL_SECONDS after the start), whichever comes
+# first. The device tool returns at most 8 files: OUT_DIR gets the main ones and session.tar.gz with
+# everything.
 set -u
 out=${1:?usage: gpu_session.sh OUT_DIR STAGE...}
 shift
@@ -28,7 +31,7 @@ export PYTHONUNBUFFERED=1
 mkdir -p "$out"
 
 pack() {  # the files the device tool returns: a few on their own, all of them in one archive
-    for f in machine.txt bench.json full_run.log metrics.csv results.png tests.log; do
+    for f in machine.txt bench.json full_run.log metrics.csv results.png tests.log stepgraph.log; do
         [ -f "$work/$f" ] && cp "$work/$f" "$out/"
     done
     tar czf "$out/session.tar.gz" -C "$work" .
@@ -132,10 +135,14 @@ for stage in "$@"; do
         } | tee -a "$work/torchrun.log"
         cp /tmp/single/metrics.csv "$work/torchrun-single-metrics.csv" 2>/dev/null
         cp /tmp/ddp1/metrics.csv "$work/torchrun-ddp1-metrics.csv" 2>/dev/null ;;
+    stepgraph)
+        PYTHONPATH=. timeout "$(limit "${STEPGRAPH_SECONDS:-150}")" python3 scripts/whole_step_graph.py \
+            --data-dir "$data_dir" > "$work/stepgraph.log" 2>&1
+        echo "whole-step graph: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/stepgraph.log" ;;
     lossless)
         gather_lossless 2>&1 | tee -a "$work/lossless.log" ;;
     *)
-        echo "unknown stage $stage (bench, full, tests, torchrun, lossless)"; exit 2 ;;
+        echo "unknown stage $stage (bench, full, tests, torchrun, stepgraph, lossless)"; exit 2 ;;
     esac
 done
 
@@ -144,4 +151,5 @@ echo "==== summary"
 [ -f "$work/full_run.log" ] && grep -E "^epoch|^done|full run|^model" "$work/full_run.log" | tail -n 6
 [ -f "$work/tests.log" ] && tail -n 3 "$work/tests.log"
 [ -f "$work/torchrun.log" ] && tail -n 2 "$work/torchrun.log"
+[ -f "$work/stepgraph.log" ] && grep -E "^(check|whole step|trainer step|ratio|error|Traceback|[A-Za-z]*Error)" "$work/stepgraph.log"
 exit 0

@@ -11,6 +11,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL_CIFAR10 = os.path.join(ROOT, "..", "shared", "data", "cifar-10-batches-py")
 sys.path.insert(0, ROOT)
 
+def load_script(name):
+    """A module from scripts/ (not a package), by file name without .py."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 TINY_MODEL = ["--layers", "2", "--hidden", "32", "--mlp-hidden", "32", "--heads", "4"]
 
 

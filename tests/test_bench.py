@@ -1,11 +1,15 @@
 """bench.py: its rows, its JSON and its profile tables, on a tiny CPU run; and the FLOP count it reports."""
 import json
 import os
+import subprocess
+import sys
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+from conftest import ROOT, load_script
 from models import ViTConfig, VisionTransformer
 
 
@@ -73,26 +77,19 @@ def test_device_time_counts_each_kernel_once():
     assert [e.name for e in bench.device_kernels(events)] == ["gemm", "softmax"]
 
 
-def load_attention_backends():
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "attention_backends.py")
-    spec = importlib.util.spec_from_file_location("attention_backends", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_attention_backends_times_the_default_models_shape():
-    assert load_attention_backends().attention_shape(128) == (128, 12, 65, 32)
+    assert load_script("attention_backends").attention_shape(128) == (128, 12, 65, 32)
 
 
-def test_attention_backends_without_cuda_is_one_line_error():
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, os.path.join(root, "scripts", "attention_backends.py")],
+@pytest.mark.parametrize("script, message", [
+    ("attention_backends", "attention_backends.py times CUDA kernels"),
+    ("whole_step_graph", "whole_step_graph.py captures CUDA graphs"),
+])
+def test_cuda_scripts_without_cuda_are_one_line_errors(script, message):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", f"{script}.py")],
                             capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": root, "CUDA_VISIBLE_DEVICES": ""})
+                            env={**os.environ, "PYTHONPATH": ROOT, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "error: attention_backends.py times CUDA kernels and found no CUDA GPU; run it on a GPU machine"]
+        f"error: {message} and found no CUDA GPU; run it on a GPU machine"]

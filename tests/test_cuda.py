@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from conftest import TINY_MODEL, run_main, write_fake_cifar
+from conftest import TINY_MODEL, load_script, run_main, write_fake_cifar
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -103,8 +103,7 @@ def test_reduce_overhead_trains_and_evaluates_like_default_compile():
 
 
 def test_attention_backends_script_times_every_row(capsys):
-    from test_bench import load_attention_backends
-    load_attention_backends().main(["--batch-size", "8"])
+    load_script("attention_backends").main(["--batch-size", "8"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("attention forward+backward, shape (8, 12, 65, 32)")
     rows = lines[1:]
@@ -112,3 +111,13 @@ def test_attention_backends_script_times_every_row(capsys):
         "explicit formula, eager", "explicit formula, compiled", "sdpa CUDNN_ATTENTION", "sdpa FLASH_ATTENTION",
         "sdpa EFFICIENT_ATTENTION"]
     assert all(row.endswith(" ms") or "not available" in row for row in rows)
+
+
+def test_whole_step_graph_matches_the_trainers_step(tmp_path, capsys):
+    write_fake_cifar(str(tmp_path / "data"), train_per_batch=300)
+    result = load_script("whole_step_graph").main_cli(["--data-dir", str(tmp_path / "data"), "--steps", "5",
+                                                       "--check-steps", "3", "--out-dir", str(tmp_path / "out")])
+    assert result["loss_gap"] < 1e-2  # the same bf16 kernels; fused Adam capturable or not
+    assert result["weight_gap"] < 1e-2
+    assert all(ips > 0 for ips in result["images_per_s"].values())
+    assert "CIFAR-10 from" in capsys.readouterr().out
