@@ -29,25 +29,31 @@ import main
 from trainer import Trainer
 
 
-def build_trainer(compile_mode: str, out_dir: str) -> Trainer:
-    args = main.parse_args(["--device", "cuda", "--compile-mode", compile_mode, "--out-dir", out_dir])
+def build_trainer(device: str, compile_mode: str, out_dir: str, flags=()) -> Trainer:
+    args = main.parse_args(["--device", device, "--compile-mode", compile_mode, "--out-dir", out_dir, *flags])
     trainer = Trainer(args)
     trainer.build(10)
     return trainer
 
 
 class WholeStepGraph:
-    """Forward, backward, Adam and the epoch's sums of one batch-size, captured as one CUDA graph."""
+    """Forward, backward, Adam and the epoch's sums of one batch size, captured as one CUDA graph.
+    capture=False runs the same body without a graph: how the tests check its logic on a CPU."""
 
-    def __init__(self, trainer: Trainer, batch_size: int, warmup_steps: int = 3):
-        args, self.trainer = trainer.args, trainer
-        self.lr = torch.tensor(args.lr, device="cuda")
+    def __init__(self, trainer: Trainer, batch_size: int, capture: bool = True, warmup_steps: int = 3):
+        args, self.trainer, device = trainer.args, trainer, trainer.device
+        self.lr = torch.tensor(args.lr, device=device)
         self.optimizer = torch.optim.Adam(trainer.model.parameters(), lr=self.lr, betas=(args.beta1, args.beta2),
                                           weight_decay=args.weight_decay, fused=True, capturable=True)
-        self.images = torch.zeros(batch_size, 3, 32, 32, dtype=torch.uint8, device="cuda")
-        self.labels = torch.zeros(batch_size, dtype=torch.long, device="cuda")
-        self.sums = torch.zeros(2, device="cuda")  # loss sum, correct predictions
-        initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        self.images = torch.zeros(batch_size, 3, 32, 32, dtype=torch.uint8, device=device)
+        self.labels = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.sums = torch.zeros(2, device=device)  # loss sum, correct predictions
+        self.graph = None
+        if capture:
+            self.capture(warmup_steps)
+
+    def capture(self, warmup_steps: int):
+        initial = {k: v.clone() for k, v in self.trainer.model.state_dict().items()}
         side = torch.cuda.Stream()  # warm-up (compilation, Adam's state) off the default stream, as capture wants
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -82,7 +88,11 @@ class WholeStepGraph:
         self.images.copy_(images)
         self.labels.copy_(labels)
         self.lr.fill_(lr)
-        self.graph.replay()
+        if self.graph is None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step_body()
+        else:
+            self.graph.replay()
 
 
 def check_equal(reference: Trainer, graphed: WholeStepGraph, batches, lr: float):
@@ -101,14 +111,15 @@ def check_equal(reference: Trainer, graphed: WholeStepGraph, batches, lr: float)
 
 
 def time_images_per_second(step, loader, steps: int, batch_size: int, lr: float) -> float:
-    torch.cuda.synchronize()
+    """Images/s of `steps` full batches of one loader epoch (augmentation pass included)."""
+    bench.synchronize(loader.device)
     start, seen = time.perf_counter(), 0
     for images, labels in loader.epoch(2):
         if len(labels) < batch_size or seen == steps * batch_size:
             break
         step(images, labels, lr)
         seen += len(labels)
-    torch.cuda.synchronize()
+    bench.synchronize(loader.device)
     return seen / (time.perf_counter() - start)
 
 
@@ -122,8 +133,8 @@ def main_cli(argv=None):
     if not torch.cuda.is_available():
         sys.exit("error: whole_step_graph.py captures CUDA graphs and found no CUDA GPU; run it on a GPU machine")
     cifar, source = bench.load_data(opts.data_dir)
-    reference = build_trainer("reduce-overhead", opts.out_dir)  # the trainer's default on one GPU
-    graphed = WholeStepGraph(build_trainer("default", opts.out_dir), reference.args.batch_size)
+    reference = build_trainer("cuda", "reduce-overhead", opts.out_dir)  # the trainer's default on one GPU
+    graphed = WholeStepGraph(build_trainer("cuda", "default", opts.out_dir), reference.args.batch_size)
     batch_size, lr = reference.args.batch_size, reference.args.lr
     loader = data.DeviceTrainLoader(cifar.train_images, cifar.train_labels, batch_size, 0, "cuda")
     print(f"whole-step CUDA graph vs the trainer's step: {torch.cuda.get_device_name()} | torch {torch.__version__} "
