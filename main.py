@@ -160,6 +160,10 @@ def main(argv=None) -> int:
         print(f"error: {error}" if not isinstance(error, trainer.TrainingStopped) else str(error),
               file=sys.stderr, flush=True)
         return getattr(error, "exit_code", 2)
+    except KeyboardInterrupt:  # Ctrl-C outside the epochs (reading the data, the final report): no traceback
+        print("error: interrupted outside the training loop; the files already written are kept",
+              file=sys.stderr, flush=True)
+        return 130
     except OSError as error:  # a file or folder that cannot be read or written, e.g. a full disk
         where = f"{error.filename}: " if error.filename else ""
         print(f"error: {where}{error.strerror or error}", file=sys.stderr, flush=True)

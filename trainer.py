@@ -27,6 +27,11 @@ import plots
 import visualize
 from models import ViTConfig, VisionTransformer, count_parameters
 
+# The flags that set a run's trajectory; a resume that changes one says so in the log (precision, attention,
+# compile mode, data pipeline, workers and the output flags are ways to compute or to report).
+RECIPE_FLAGS = ("epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "optimizer", "weight_decay", "beta1", "beta2",
+                "label_smoothing", "seed")
+
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
                  "images_per_second")
 
@@ -494,15 +499,14 @@ class Trainer:
                                   f"choose a writable --out-dir", 2) from None
 
     def resume_state(self):
-        path = self.args.resume
+        path, last = self.args.resume, os.path.join(self.checkpoint_dir, "last.pt")
         if not path:
-            last = os.path.join(self.checkpoint_dir, "last.pt")
             if os.path.isfile(last):  # a new run would overwrite an earlier run's checkpoints and metrics
                 raise TrainingStopped(f"{last} holds an earlier run: continue it with --resume auto, or start "
                                       f"a new run in another --out-dir (or move that folder away)", 2)
             return None
         if path == "auto":
-            path = os.path.join(self.checkpoint_dir, "last.pt")
+            path = last
             if not os.path.isfile(path):
                 self.log(f"--resume auto: no {path}, starting a new run")
                 return None
@@ -512,18 +516,36 @@ class Trainer:
             if key not in state:
                 raise checkpoint.CheckpointError(f"{path} holds a model but no training state ({key!r} missing): "
                                                  f"it can be evaluated (--eval-only) but not resumed")
+        if os.path.isfile(last) and not os.path.samefile(path, last):
+            raise checkpoint.CheckpointError(f"--resume {path} would overwrite the run in {self.out_dir} (its {last}): "
+                                             f"resume into another --out-dir, or continue that run with --resume auto")
         try:
             position = state["scheduler"]["position"]
             stopped = f", stopped at step {int(position['step'])} of the next" if position is not None else ""
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise self.malformed(error) from None
         self.log(f"resuming from {path} (epoch {state['epoch']} done{stopped})")
+        self.check_recipe_flags(state, stopped_mid_epoch=position is not None)
         return state
 
     def malformed(self, error):
         return checkpoint.CheckpointError(f"{self.resume_path} has a malformed training state ({type(error).__name__}: "
                                           f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}): "
                                           f"resume from another checkpoint or start a new --out-dir")
+
+    def check_recipe_flags(self, state, stopped_mid_epoch: bool):
+        """Flags that differ from the checkpoint's: logged, so a changed recipe is never silent; refused for the
+        batch size and seed of a run stopped mid-epoch, whose remaining steps are slices of that epoch's order."""
+        stored = state.get("config") if isinstance(state.get("config"), dict) else {}
+        changed = [k for k in RECIPE_FLAGS if k in stored and stored[k] != getattr(self.args, k)]
+        describe = "; ".join(f"--{k.replace('_', '-')} {stored[k]} in the checkpoint, {getattr(self.args, k)} now"
+                             for k in changed)
+        if stopped_mid_epoch and {"batch_size", "seed"} & set(changed):
+            raise checkpoint.CheckpointError(f"{self.resume_path} stopped in the middle of an epoch, "
+                                             f"whose remaining steps depend on --batch-size and --seed ({describe}): "
+                                             f"resume with the checkpoint's values or start a new --out-dir")
+        if changed:
+            self.log(f"note: resuming with changed flags ({describe}); the run goes on with the new values")
 
     def check_resume_config(self, state, num_classes):
         wanted = dataclasses.asdict(model_config_from_args(self.args, num_classes, self.attention))

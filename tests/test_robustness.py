@@ -446,6 +446,48 @@ def test_resume_with_another_model_lists_the_differences_and_keeps_the_run(run_d
     assert snapshot(run_dir) == before
 
 
+def stopped_mid_epoch(run_dir):
+    """run_dir's last.pt, rewritten as if a signal had stopped it after 5 steps of epoch 2."""
+    last = os.path.join(run_dir, "checkpoints", "last.pt")
+    state = checkpoint.load(last)
+    state["scheduler"]["position"] = {"epoch": 2, "step": 5, "sums": torch.zeros(3), "seconds": 1.0}
+    checkpoint.save(state, last)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (["--batch-size", "32"], "--batch-size 16 in the checkpoint, 32 now"),  # 5 steps of 32: past the epoch's end
+    (["--seed", "5"], "--seed 0 in the checkpoint, 5 now"),  # another order: some images twice, some never
+])
+def test_resume_mid_epoch_with_another_batch_size_or_seed_is_refused(run_dir, fake_data, cli, no_training,
+                                                                      change, fragment):
+    stopped_mid_epoch(run_dir)
+    before = snapshot(run_dir)
+    status, out, err = cli(train_args(fake_data, run_dir, "--resume", "auto", epochs=2) + change)
+    assert status == 2
+    one_line_error(err, f"error: {run_dir}/checkpoints/last.pt stopped in the middle of an epoch", fragment,
+                   "resume with the checkpoint's values or start a new --out-dir")
+    assert snapshot(run_dir) == before
+
+
+def test_resume_with_a_changed_recipe_flag_says_so_in_the_log(run_dir, fake_data, cli):
+    status, out, err = cli(train_args(fake_data, run_dir, "--resume", "auto", "--lr", "0.002", epochs=2))
+    assert status == 0, err
+    assert ("note: resuming with changed flags (--epochs 1 in the checkpoint, 2 now; --lr 0.001 in the "
+            "checkpoint, 0.002 now); the run goes on with the new values") in out
+    status, out, err = cli(train_args(fake_data, run_dir, "--resume", "auto", "--lr", "0.002", epochs=2))
+    assert "note: resuming with changed flags" not in out  # the same flags as the checkpoint of epoch 2
+
+
+def test_resume_from_another_checkpoint_into_a_run_is_refused(run_dir, fake_data, tmp_path, cli, no_training):
+    other = str(tmp_path / "other.pt")
+    shutil.copy(os.path.join(run_dir, "checkpoints", "best.pt"), other)
+    before = snapshot(run_dir)
+    status, out, err = cli(train_args(fake_data, run_dir, "--resume", other, epochs=2))
+    assert status == 2
+    one_line_error(err, f"error: --resume {other} would overwrite the run in {run_dir}", "--resume auto")
+    assert snapshot(run_dir) == before
+
+
 @pytest.mark.parametrize("batch_size, fragment", [
     (16, "non-finite training loss at epoch 2, step "),  # several steps: the loss of the next step is NaN
     (1000, "non-finite test loss after the update at epoch 2, step 1"),  # one step: only the weights blow up
@@ -629,8 +671,9 @@ def test_hostile_checkpoint_is_refused(kind, mode, run_dir, fake_data, tmp_path,
     path = str(tmp_path / "hostile.pt")
     make_checkpoint(kind, os.path.join(run_dir, "checkpoints", "last.pt"), path, marker)
     before = snapshot(run_dir)
-    if mode == "resume":
-        status, out, err = cli(train_args(fake_data, run_dir, "--resume", path, epochs=2))
+    if mode == "resume":  # into a new folder: resuming another file into run_dir is refused for that alone
+        status, out, err = cli(train_args(fake_data, str(tmp_path / "resumed"), "--resume", path, epochs=2))
+        assert not os.path.exists(tmp_path / "resumed" / "checkpoints" / "last.pt")
     else:
         status, out, err = cli([*TINY, "--data-dir", fake_data, "--out-dir", str(tmp_path / "eval"), "--eval-only",
                                 "--checkpoint", path])
@@ -825,3 +868,12 @@ def test_eval_only_into_an_unusable_out_dir_is_one_line(run_dir, fake_data, tmp_
                             "--checkpoint", os.path.join(run_dir, "checkpoints", "best.pt")])
     assert status == 1
     one_line_error(err, f"error: {blocker / 'eval'}: Not a directory")
+
+
+def test_ctrl_c_while_reading_the_data_is_one_line_and_exit_130(tmp_path, fake_data, cli, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(data, "load_cifar", interrupted)
+    status, out, err = cli(train_args(fake_data, str(tmp_path / "run")))
+    assert status == 130
+    one_line_error(err, "error: interrupted outside the training loop; the files already written are kept")
