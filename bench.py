@@ -60,7 +60,7 @@ def subset(cifar: data.Cifar, train: int, test: int) -> data.Cifar:
 def bench_training(name, flags, cifar, opts):
     """Images/s of whole loader epochs over steps*batch images: warm-up epoch, then a timed one."""
     args = main.parse_args(flags + ["--device", opts.device, "--batch-size", str(opts.batch_size),
-                                    "--workers", str(opts.workers), "--out-dir", opts.out_dir, "--epochs", "200"])
+                                    "--workers", str(opts.workers), "--epochs", "200"])
     trainer = Trainer(args)
     trainer.build(cifar.num_classes)
     device = trainer.device
@@ -218,13 +218,20 @@ def main_cli(argv=None):
     p.add_argument("--eval-images", type=main.positive_int, default=None, help="default 1,000 on the CPU, 10,000 on CUDA")
     p.add_argument("--augment-images", type=main.positive_int, default=None, help="default 5,000 / 50,000")
     p.add_argument("--workers", type=main.count, default=data.default_workers())
-    p.add_argument("--out-dir", default="bench-out", help="scratch folder for the trainers (nothing is saved there)")
     p.add_argument("--json", default="bench.json")
     p.add_argument("--fast-flags", action="append",
                    help="main.py flags for a fast row; repeat for several rows (default: one row, the defaults)")
     p.add_argument("--profile-steps", type=main.count, default=0,
                    help="after timing, profile this many steps of each row (torch.profiler; 0: off)")
     opts = p.parse_args(argv)
+    json_folder = os.path.dirname(os.path.abspath(opts.json))
+    if not os.path.isdir(json_folder):
+        p.error(f"--json {opts.json}: the folder {json_folder} does not exist: create it or choose another path")
+    for flags in opts.fast_flags or []:
+        try:
+            main.parse_args(shlex.split(flags))
+        except SystemExit:  # main's parser has printed what is wrong with them
+            p.error(f"--fast-flags {flags!r}: not valid main.py flags (see the line above)")
     from trainer import resolve_device
     device = resolve_device(opts.device)
     opts.device = device.type

@@ -48,29 +48,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a from-scratch ViT on CIFAR (defaults: the reference recipe).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train = p.add_argument_group("training")
-    train.add_argument("--epochs", type=positive_int, default=200)
+    train.add_argument("--epochs", type=positive_int, default=200, help="training epochs")
     train.add_argument("--batch-size", type=positive_int, default=128,
                        help="global batch: under torchrun it is split evenly across the processes")
-    train.add_argument("--eval-batch-size", type=positive_int, default=1000)
+    train.add_argument("--eval-batch-size", type=positive_int, default=1000, help="images per evaluation batch")
     train.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate, after warm-up")
     train.add_argument("--min-lr", type=non_negative_float, default=1e-5, help="learning rate at the last step")
     train.add_argument("--warmup-epochs", type=non_negative_float, default=5,
                        help="linear warm-up, then cosine decay; the schedule steps every iteration")
     train.add_argument("--optimizer", choices=("adam", "adamw"), default="adam",
                        help="adam: L2 weight decay (the reference); adamw: decoupled weight decay")
-    train.add_argument("--weight-decay", type=non_negative_float, default=5e-5)
-    train.add_argument("--beta1", type=fraction, default=0.9)
-    train.add_argument("--beta2", type=fraction, default=0.999)
-    train.add_argument("--label-smoothing", type=fraction, default=0.1)
-    train.add_argument("--seed", type=seed, default=0)
+    train.add_argument("--weight-decay", type=non_negative_float, default=5e-5, help="see --optimizer")
+    train.add_argument("--beta1", type=fraction, default=0.9, help="Adam's decay of the gradient average")
+    train.add_argument("--beta2", type=fraction, default=0.999, help="Adam's decay of the squared-gradient average")
+    train.add_argument("--label-smoothing", type=fraction, default=0.1, help="as F.cross_entropy(label_smoothing=...)")
+    train.add_argument("--seed", type=seed, default=0,
+                       help="model init, epoch order and augmentation all derive from it")
 
     model = p.add_argument_group("model")
-    model.add_argument("--layers", type=positive_int, default=7)
-    model.add_argument("--hidden", type=positive_int, default=384)
-    model.add_argument("--mlp-hidden", type=positive_int, default=384)
+    model.add_argument("--layers", type=positive_int, default=7, help="encoder layers")
+    model.add_argument("--hidden", type=positive_int, default=384, help="token width")
+    model.add_argument("--mlp-hidden", type=positive_int, default=384, help="width inside each MLP")
     model.add_argument("--heads", type=positive_int, default=12, help="must divide --hidden")
     model.add_argument("--patch-size", type=positive_int, default=4, help="must divide the 32-pixel image size")
-    model.add_argument("--dropout", type=fraction, default=0.0)
+    model.add_argument("--dropout", type=fraction, default=0.0,
+                       help="on embeddings, attention weights and both residual branches")
     model.add_argument("--init", choices=("pytorch", "timm"), default="pytorch",
                        help="pytorch: nn.Linear's default init and unit-normal class token and position embedding, "
                             "as the reference; timm: truncated normal std 0.02 for all of them, zero biases")
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "auto: sdpa, except math on the CPU in bf16 (faster there)")
 
     system = p.add_argument_group("data and system")
-    system.add_argument("--dataset", choices=data.DATASETS, default="cifar10")
+    system.add_argument("--dataset", choices=data.DATASETS, default="cifar10", help="which CIFAR")
     system.add_argument("--data-dir", default="./data",
                         help="folder holding cifar-10-batches-py/ (or cifar-100-python/); downloaded there if absent")
     system.add_argument("--data-pipeline", choices=data.PIPELINES, default="device",
@@ -87,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "torchvision: per-image PIL transforms in DataLoader workers (the reference)")
     system.add_argument("--workers", type=count, default=data.default_workers(),
                         help="DataLoader worker processes of the torchvision pipeline")
-    system.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    system.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: the GPU when CUDA has one, else the CPU")
     system.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                         help="auto: bf16 autocast where the hardware computes bf16 natively (CUDA GPUs from Ampere "
                              "on, CPUs with AVX512-BF16 or AMX), else fp32")

@@ -18,6 +18,7 @@ the exit status is then 1. A missing or unreadable checkpoint: a one-line error,
 import argparse
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,6 +96,14 @@ def parse_args(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but CUDA is not available here: use --device cpu")
+    if args.attention:
+        try:
+            os.makedirs(args.out_dir, exist_ok=True)
+            with tempfile.TemporaryFile(dir=args.out_dir):
+                pass
+        except OSError as error:
+            parser.error(f"--out-dir {args.out_dir}: cannot write there ({error.strerror or error}): "
+                         f"choose another folder for the --attention figures")
     return args
 
 
@@ -116,8 +125,6 @@ def main(argv=None) -> int:
         return 2
 
     results = predict_images(model, classes, args.images)
-    if args.attention:
-        os.makedirs(args.out_dir, exist_ok=True)
     for result in results:
         if result.error is not None:
             print(f"error: {result.path}: {result.error}", file=sys.stderr)

@@ -104,7 +104,7 @@ for stage in "$@"; do
     bench)
         timeout "$(limit "${BENCH_SECONDS:-240}")" python3 bench.py --device cuda --data-dir "$data_dir" \
             --json "$work/bench.json" --steps 390 --warmup 20 --profile-steps 10 \
-            --fast-flags "" --fast-flags "--attention math" --out-dir /tmp/bench > "$work/bench.log" 2>&1
+            --fast-flags "" --fast-flags "--attention math" > "$work/bench.log" 2>&1
         echo "bench: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/bench.log" ;;
     full)
         flags=$(fastest_row_flags)

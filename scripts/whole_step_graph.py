@@ -29,8 +29,8 @@ import main
 from trainer import Trainer
 
 
-def build_trainer(device: str, compile_mode: str, out_dir: str, flags=()) -> Trainer:
-    args = main.parse_args(["--device", device, "--compile-mode", compile_mode, "--out-dir", out_dir, *flags])
+def build_trainer(device: str, compile_mode: str, flags=()) -> Trainer:
+    args = main.parse_args(["--device", device, "--compile-mode", compile_mode, *flags])
     trainer = Trainer(args)
     trainer.build(10)
     return trainer
@@ -128,13 +128,12 @@ def main_cli(argv=None):
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--steps", type=main.positive_int, default=390, help="timed full batches of 128")
     p.add_argument("--check-steps", type=main.positive_int, default=10)
-    p.add_argument("--out-dir", default="/tmp/whole-step-graph", help="scratch folder for the trainers")
     opts = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("error: whole_step_graph.py captures CUDA graphs and found no CUDA GPU; run it on a GPU machine")
     cifar, source = bench.load_data(opts.data_dir)
-    reference = build_trainer("cuda", "reduce-overhead", opts.out_dir)  # the trainer's default on one GPU
-    graphed = WholeStepGraph(build_trainer("cuda", "default", opts.out_dir), reference.args.batch_size)
+    reference = build_trainer("cuda", "reduce-overhead")  # the trainer's default on one GPU
+    graphed = WholeStepGraph(build_trainer("cuda", "default"), reference.args.batch_size)
     batch_size, lr = reference.args.batch_size, reference.args.lr
     loader = data.DeviceTrainLoader(cifar.train_images, cifar.train_labels, batch_size, 0, "cuda")
     print(f"whole-step CUDA graph vs the trainer's step: {torch.cuda.get_device_name()} | torch {torch.__version__} "

@@ -29,7 +29,7 @@ def test_bench_rows_json_and_profiles(tmp_path, fake_cifar10, capsys):
     bench.main_cli(["--device", "cpu", "--data-dir", fake_cifar10, "--batch-size", "8", "--steps", "2",
                     "--warmup", "1", "--eval-images", "20", "--augment-images", "40", "--workers", "0",
                     "--fast-flags", "", "--fast-flags", "--attention math --precision bf16",
-                    "--profile-steps", "2", "--json", str(out), "--out-dir", str(tmp_path / "scratch")])
+                    "--profile-steps", "2", "--json", str(out)])
     result = json.loads(out.read_text())
     rows = result["training"]
     assert [r["config"] for r in rows] == ["reference", "fast", "fast-2"]
@@ -59,7 +59,7 @@ def test_a_failing_row_is_recorded_and_the_others_still_run(tmp_path, fake_cifar
     bench.main_cli(["--device", "cpu", "--data-dir", fake_cifar10, "--batch-size", "8", "--steps", "1",
                     "--warmup", "1", "--eval-images", "10", "--augment-images", "20", "--workers", "0",
                     "--fast-flags", "--compile-mode reduce-overhead", "--fast-flags", "--attention math",
-                    "--json", str(out), "--out-dir", str(tmp_path / "scratch")])
+                    "--json", str(out)])
     rows = json.loads(out.read_text())["training"]
     assert rows[1] == {"config": "fast", "flags": "--compile-mode reduce-overhead",
                        "error": "RuntimeError: no CUDA graphs here"}
@@ -96,15 +96,15 @@ def test_cuda_scripts_without_cuda_are_one_line_errors(script, message):
         f"error: {message} and found no CUDA GPU; run it on a GPU machine"]
 
 
-def test_whole_step_body_matches_the_trainers_step_on_cpu(tmp_path, fake_cifar10):
+def test_whole_step_body_matches_the_trainers_step_on_cpu(fake_cifar10):
     """The graph's body (static buffers, capturable Adam with a tensor learning rate, sums on the device)
     run without capture: the same losses and weights as the trainer's step, and reset() restores the start."""
     import data
     from conftest import TINY_MODEL
     script = load_script("whole_step_graph")
     flags = ["--precision", "fp32", "--batch-size", "8", *TINY_MODEL]
-    reference = script.build_trainer("cpu", "default", str(tmp_path), flags)
-    trainer = script.build_trainer("cpu", "default", str(tmp_path), flags)
+    reference = script.build_trainer("cpu", "default", flags)
+    trainer = script.build_trainer("cpu", "default", flags)
     initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     graphed = script.WholeStepGraph(trainer, 8, capture=False)
     cifar = data.load_cifar("cifar10", fake_cifar10, download=False)
@@ -122,3 +122,18 @@ def test_whole_step_body_matches_the_trainers_step_on_cpu(tmp_path, fake_cifar10
     calls = []
     rate = script.time_images_per_second(lambda *batch: calls.append(batch), loader, 3, 8, 1e-3)
     assert len(calls) == 3 and rate > 0
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--json", "/nonexistent-folder/bench.json"], "--json /nonexistent-folder/bench.json: the folder "
+                                                   "/nonexistent-folder does not exist"),
+    (["--fast-flags", "--heads 5"], "--fast-flags '--heads 5': not valid main.py flags"),
+])
+def test_bad_bench_input_stops_before_any_work(args, fragment, capsys, monkeypatch):
+    def no_work(*a, **k):
+        raise AssertionError("the benchmark started although its input should have been refused")
+    monkeypatch.setattr(bench, "load_data", no_work)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main_cli(["--device", "cpu", *args])
+    assert exit_.value.code == 2
+    assert fragment in capsys.readouterr().err.splitlines()[-1]

@@ -286,3 +286,13 @@ def test_the_log_names_precision_and_attention_and_a_resume_takes_todays_attenti
     assert resumed.returncode == 0, resumed.stderr
     assert "precision: fp32 | attention: sdpa | compile: off" in resumed.stdout
     assert load_checkpoint(last)["model_config"]["attention"] == "sdpa" and load_checkpoint(last)["epoch"] == 2
+
+
+def test_help_shows_every_flags_default():
+    """ArgumentDefaultsHelpFormatter adds "(default: ...)" only to flags with help text."""
+    parser = main.build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
+            assert action.help, f"{action.option_strings[0]} has no help text, so --help hides its default"
+    assert "training epochs (default: 200)" in text

@@ -163,3 +163,18 @@ def test_command_line(tmp_path):
     with Image.open(out_dir / "good_attention.png") as image:
         assert image.format == "PNG" and image.size == (6 * 150, 150)  # image, rollout, 4 heads
     assert not (out_dir / "bad_attention.png").exists()
+
+
+def test_attention_into_a_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    checkpoint_path = save_checkpoint(tmp_path / "model.pt")
+    good = save_image(tmp_path / "good.png", random_pixels(32, 32))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(predict, "load_model", lambda *a, **k: pytest.fail("the checkpoint was read"))
+    with pytest.raises(SystemExit) as exit_:
+        predict.main([good, "--checkpoint", checkpoint_path, "--device", "cpu", "--attention",
+                      "--out-dir", str(blocker / "figures")])
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert f"--out-dir {blocker / 'figures'}: cannot write there (" in last
+    assert last.endswith("choose another folder for the --attention figures")
