@@ -24,6 +24,7 @@ from augment import train_augment
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 DATASETS = ("cifar10", "cifar100")
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 PIPELINES = ("device", "torchvision")
 AUTOAUGMENT_FILL = 128
 
@@ -54,6 +55,9 @@ def load_cifar(name: str, data_dir: str, download: bool = True) -> Cifar:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
     folder = os.path.join(data_dir, _FOLDERS[name])
     if not os.path.isdir(folder):
+        if os.path.basename(os.path.normpath(data_dir)) == _FOLDERS[name]:  # a download would nest a second copy
+            raise DataError(f"--data-dir {data_dir} is the {_FOLDERS[name]} folder itself: pass the folder that "
+                            f"holds it, {os.path.dirname(os.path.normpath(data_dir)) or '.'}")
         if not download:
             raise DataError(f"{folder} does not exist: put the extracted {_FOLDERS[name]} folder there")
         _download(name, data_dir)

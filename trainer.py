@@ -484,18 +484,21 @@ class Trainer:
             raise TrainingStopped(f"could not write {path} ({error.strerror or error}): free disk space or choose "
                                   f"another --out-dir; the previous {name} is intact") from None
 
-    def probe_out_dir(self):
+    def probe_out_dir(self, folder=None):
+        """Creates `folder` (the checkpoint folder) and writes a small file there, so that an unwritable
+        --out-dir shows before any long work; clears partial files of a save that was killed (SIGKILL)."""
+        folder = folder or self.checkpoint_dir
         try:
-            os.makedirs(self.checkpoint_dir, exist_ok=True)
-            for name in os.listdir(self.checkpoint_dir):  # partial files of a save that was killed (SIGKILL)
-                if name.startswith(".tmp-") and os.path.isfile(os.path.join(self.checkpoint_dir, name)):
-                    os.remove(os.path.join(self.checkpoint_dir, name))
-            with tempfile.TemporaryFile(dir=self.checkpoint_dir) as f:
+            os.makedirs(folder, exist_ok=True)
+            for name in os.listdir(folder):
+                if name.startswith(".tmp-") and os.path.isfile(os.path.join(folder, name)):
+                    os.remove(os.path.join(folder, name))
+            with tempfile.TemporaryFile(dir=folder) as f:
                 f.write(b"\0" * 4096)
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as error:
-            raise TrainingStopped(f"cannot write to {self.checkpoint_dir} ({error.strerror or error}): "
+            raise TrainingStopped(f"cannot write to {folder} ({error.strerror or error}): "
                                   f"choose a writable --out-dir", 2) from None
 
     def resume_state(self):
@@ -624,10 +627,12 @@ class Trainer:
         config = dataclasses.replace(checkpoint.model_config_of(state, args.checkpoint), attention=self.attention)
         self.model = VisionTransformer(config)
         checkpoint.load_weights(self.model, state, args.checkpoint)  # before the (possibly long) data loading
-        cifar = data.load_cifar(args.dataset, args.data_dir)
-        if config.num_classes != cifar.num_classes:
+        if config.num_classes != data.NUM_CLASSES[args.dataset]:
             raise checkpoint.CheckpointError(f"{args.checkpoint} predicts {config.num_classes} classes but {args.dataset} "
-                                             f"has {cifar.num_classes}: pass the --dataset it was trained on")
+                                             f"has {data.NUM_CLASSES[args.dataset]}: pass the --dataset it was trained on")
+        if self.is_main:
+            self.probe_out_dir(self.out_dir)
+        cifar = data.load_cifar(args.dataset, args.data_dir)
         self.model_config, self.classes = config, cifar.classes
         self.model = self.model.to(self.device)
         self.network = self.model
@@ -636,7 +641,6 @@ class Trainer:
         self.log(f"eval {args.checkpoint} (epoch {state.get('epoch', '?')}): test loss {test_loss:.4f} "
                  f"acc {test_acc:.2f}% on {len(cifar.test_images):,} {args.dataset} test images")
         if self.is_main:
-            os.makedirs(self.out_dir, exist_ok=True)
             self.write_report(cifar, predictions)
         self.barrier()
         return {"test_loss": test_loss, "test_acc": test_acc}

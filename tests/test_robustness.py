@@ -861,15 +861,6 @@ def test_device_cuda_without_cuda_is_refused(tmp_path, fake_data, cli, no_traini
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_eval_only_into_an_unusable_out_dir_is_one_line(run_dir, fake_data, tmp_path, cli):
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    status, out, err = cli([*TINY, "--data-dir", fake_data, "--out-dir", str(blocker / "eval"), "--eval-only",
-                            "--checkpoint", os.path.join(run_dir, "checkpoints", "best.pt")])
-    assert status == 1
-    one_line_error(err, f"error: {blocker / 'eval'}: Not a directory")
-
-
 def test_ctrl_c_while_reading_the_data_is_one_line_and_exit_130(tmp_path, fake_data, cli, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -877,3 +868,20 @@ def test_ctrl_c_while_reading_the_data_is_one_line_and_exit_130(tmp_path, fake_d
     status, out, err = cli(train_args(fake_data, str(tmp_path / "run")))
     assert status == 130
     one_line_error(err, "error: interrupted outside the training loop; the files already written are kept")
+
+
+@pytest.mark.parametrize("problem", ["unwritable out-dir", "other dataset"])
+def test_eval_only_refuses_before_reading_the_data(problem, run_dir, fake_data, tmp_path, cli, monkeypatch):
+    no_data_patch(monkeypatch)
+    best = os.path.join(run_dir, "checkpoints", "best.pt")
+    args = [*TINY, "--data-dir", fake_data, "--eval-only", "--checkpoint", best]
+    if problem == "unwritable out-dir":
+        blocker = tmp_path / "a_file"
+        blocker.write_text("not a folder")
+        status, out, err = cli([*args, "--out-dir", str(blocker / "eval")])
+        one_line_error(err, f"cannot write to {blocker / 'eval'} (", "choose a writable --out-dir")
+    else:
+        status, out, err = cli([*args, "--out-dir", str(tmp_path / "eval"), "--dataset", "cifar100"])
+        one_line_error(err, f"error: {best} predicts 10 classes but cifar100 has 100: pass the --dataset")
+        assert not os.path.exists(tmp_path / "eval")
+    assert status == 2
