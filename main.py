@@ -44,8 +44,15 @@ fraction = _number(float, minimum=0, below=1)
 seed = _number(int, minimum=0, below=2 ** 63)  # torch.manual_seed's range
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (argparse would print its 12-line usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train a from-scratch ViT on CIFAR (defaults: the reference recipe).",
+    p = OneLineErrors(description="Train a from-scratch ViT on CIFAR (defaults: the reference recipe).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=positive_int, default=200, help="training epochs")
@@ -160,8 +167,8 @@ def main(argv=None) -> int:
         else:
             runner.fit()
     except (trainer.TrainingStopped, checkpoint.CheckpointError, data.DataError) as error:
-        print(f"error: {error}" if not isinstance(error, trainer.TrainingStopped) else str(error),
-              file=sys.stderr, flush=True)
+        stopped_by_signal = getattr(error, "exit_code", 0) >= 128  # the user's stop, not an error
+        print(str(error) if stopped_by_signal else f"error: {error}", file=sys.stderr, flush=True)
         return getattr(error, "exit_code", 2)
     except KeyboardInterrupt:  # Ctrl-C outside the epochs (reading the data, the final report): no traceback
         print("error: interrupted outside the training loop; the files already written are kept",
