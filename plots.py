@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     p.add_argument("out", help="the PNG to write")
     p.add_argument("--compare-curve", metavar="CSV", help="a test-accuracy curve to draw dashed (epoch, test_acc)")
     args = p.parse_args(argv)
+    if os.path.isdir(args.out):
+        p.error(f"{args.out} is a folder: give the PNG's file name, e.g. {os.path.join(args.out, 'results.png')}")
     try:
         history = read_history(args.metrics)
         compare = read_curve(args.compare_curve) if args.compare_curve else None

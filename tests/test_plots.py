@@ -76,3 +76,8 @@ def test_redraw_from_metrics_csv_with_the_reference(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "not a metrics.csv" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "bad.png").exists()
+    with pytest.raises(SystemExit) as exit_:
+        plots.main([str(metrics), str(tmp_path)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f"error: {tmp_path} is a folder: give the PNG's file name, e.g. {tmp_path / 'results.png'}")
