@@ -106,6 +106,20 @@ def resolve_compile_mode(requested: str, world: int) -> str:
     return requested
 
 
+def probe_writable(folder: str) -> None:
+    """Creates `folder` and writes (and syncs) a small file there: a full disk or a read-only or missing place
+    shows as a one-line error before any long work."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as error:
+        raise TrainingStopped(f"cannot write to {folder} ({error.strerror or error}): choose a writable --out-dir",
+                              2) from None
+
+
 def distributed_env():
     """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) for a plain `python main.py`."""
     return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
@@ -484,22 +498,14 @@ class Trainer:
             raise TrainingStopped(f"could not write {path} ({error.strerror or error}): free disk space or choose "
                                   f"another --out-dir; the previous {name} is intact") from None
 
-    def probe_out_dir(self, folder=None):
-        """Creates `folder` (the checkpoint folder) and writes a small file there, so that an unwritable
-        --out-dir shows before any long work; clears partial files of a save that was killed (SIGKILL)."""
-        folder = folder or self.checkpoint_dir
-        try:
-            os.makedirs(folder, exist_ok=True)
-            for name in os.listdir(folder):
-                if name.startswith(".tmp-") and os.path.isfile(os.path.join(folder, name)):
-                    os.remove(os.path.join(folder, name))
-            with tempfile.TemporaryFile(dir=folder) as f:
-                f.write(b"\0" * 4096)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as error:
-            raise TrainingStopped(f"cannot write to {folder} ({error.strerror or error}): "
-                                  f"choose a writable --out-dir", 2) from None
+    def probe_out_dir(self):
+        """An unwritable --out-dir shows before any long work; partial files of a save that was killed
+        (SIGKILL) are cleared."""
+        probe_writable(self.checkpoint_dir)
+        for name in os.listdir(self.checkpoint_dir):
+            path = os.path.join(self.checkpoint_dir, name)
+            if name.startswith(".tmp-") and os.path.isfile(path):
+                os.remove(path)
 
     def resume_state(self):
         path, last = self.args.resume, os.path.join(self.checkpoint_dir, "last.pt")
@@ -631,7 +637,7 @@ class Trainer:
             raise checkpoint.CheckpointError(f"{args.checkpoint} predicts {config.num_classes} classes but {args.dataset} "
                                              f"has {data.NUM_CLASSES[args.dataset]}: pass the --dataset it was trained on")
         if self.is_main:
-            self.probe_out_dir(self.out_dir)
+            probe_writable(self.out_dir)
         cifar = data.load_cifar(args.dataset, args.data_dir)
         self.model_config, self.classes = config, cifar.classes
         self.model = self.model.to(self.device)
