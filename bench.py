@@ -217,11 +217,11 @@ def main_cli(argv=None):
     p.add_argument("--warmup", type=main.positive_int, default=None, help="untimed steps first (default 2 / 30)")
     p.add_argument("--eval-images", type=main.positive_int, default=None, help="default 1,000 on the CPU, 10,000 on CUDA")
     p.add_argument("--augment-images", type=main.positive_int, default=None, help="default 5,000 / 50,000")
-    p.add_argument("--workers", type=main.count, default=data.default_workers())
+    p.add_argument("--workers", type=main.non_negative_int, default=data.default_workers())
     p.add_argument("--json", default="bench.json")
     p.add_argument("--fast-flags", action="append",
                    help="main.py flags for a fast row; repeat for several rows (default: one row, the defaults)")
-    p.add_argument("--profile-steps", type=main.count, default=0,
+    p.add_argument("--profile-steps", type=main.non_negative_int, default=0,
                    help="after timing, profile this many steps of each row (torch.profiler; 0: off)")
     opts = p.parse_args(argv)
     json_folder = os.path.dirname(os.path.abspath(opts.json))

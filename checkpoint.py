@@ -6,7 +6,10 @@ A checkpoint is a dict of tensors and plain Python values:
     config           every command-line setting of the run (a dict)
     classes          class names, in label order
     epoch            epochs completed
-    optimizer, scheduler, history, rng, best_acc   (training state, for --resume)
+    optimizer, history, rng, best_acc, best_epoch   (training state, for --resume)
+    scheduler        {"epoch": epochs completed, "position": None, or where an epoch that a signal
+                     interrupted goes on: its epoch, step, running sums and seconds}; the learning
+                     rate itself is a function of the step (trainer.learning_rate)
 """
 import contextlib
 import dataclasses

@@ -194,7 +194,7 @@ class DeviceTrainLoader:
         self.augment, self.rank, self.world, self.chunk = augment, rank, world, chunk
 
     def steps(self) -> int:
-        return -(-len(self.images) // self.batch_size)
+        return -(-self.num_samples // self.batch_size)
 
     def epoch(self, epoch: int):
         """Yields (uint8 images, labels) batches of this rank for `epoch`."""
@@ -203,6 +203,8 @@ class DeviceTrainLoader:
         images, labels = self.images[order], self.labels[order]
         if self.augment:
             generator = torch.Generator(self.device).manual_seed(epoch_seed(self.seed, epoch, self.rank))
+            # Chunks bound augment.py's temporary tensors. Draws are made chunk by chunk, so another chunk
+            # size gives a seed other augmentations.
             images = torch.cat([train_augment(part, generator=generator, fill=AUTOAUGMENT_FILL)
                                 for part in images.split(self.chunk)])
         start = 0
@@ -256,7 +258,8 @@ class TorchvisionTrainLoader:
 
     def epoch(self, epoch: int):
         plan = EpochBatches(self.num_samples, self.batch_size, self.seed, epoch, self.rank, self.world)
-        # The generator seeds the workers' (and, with no workers, the main process's) augmentation draws.
+        # The generator seeds each worker process. With no workers DataLoader does not use it for the draws,
+        # which then come from this process's global RNG: seeded below (per epoch, so a resume repeats them).
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, self.rank))
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=plan, num_workers=self.workers,
                                              pin_memory=self.pin_memory, generator=generator, collate_fn=_collate)

@@ -14,9 +14,10 @@ import os
 import sys
 
 import data
+import models
 
 
-def _number(kind, *, minimum=None, above=None, below=None, name=""):
+def _number(kind, *, minimum=None, above=None, below=None):
     """An argparse type: a finite int/float within bounds, else a one-line error at parse time."""
     def parse(text):
         try:
@@ -37,7 +38,7 @@ def _number(kind, *, minimum=None, above=None, below=None, name=""):
 
 
 positive_int = _number(int, above=0)
-count = _number(int, minimum=0)
+non_negative_int = _number(int, minimum=0)
 positive_float = _number(float, above=0)
 non_negative_float = _number(float, minimum=0)
 fraction = _number(float, minimum=0, below=1)
@@ -80,10 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--patch-size", type=positive_int, default=4, help="must divide the 32-pixel image size")
     model.add_argument("--dropout", type=fraction, default=0.0,
                        help="on embeddings, attention weights and both residual branches")
-    model.add_argument("--init", choices=("pytorch", "timm"), default="pytorch",
+    model.add_argument("--init", choices=models.INITS, default="pytorch",
                        help="pytorch: nn.Linear's default init and unit-normal class token and position embedding, "
-                            "as the reference; timm: truncated normal std 0.02 for all of them, zero biases")
-    model.add_argument("--attention", choices=("auto", "sdpa", "math"), default="auto",
+                            "as the reference; timm: timm-style truncated normal, std 0.02 cut at 2 std, for all "
+                            "of them, zero biases")
+    model.add_argument("--attention", choices=("auto", *models.ATTENTION_PATHS), default="auto",
                        help="sdpa: F.scaled_dot_product_attention (fused kernels); math: the explicit formula; "
                             "auto: sdpa, except math on the CPU in bf16 (faster there)")
 
@@ -94,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     system.add_argument("--data-pipeline", choices=data.PIPELINES, default="device",
                         help="device: data and augmentation on the training device, in batches (fast); "
                              "torchvision: per-image PIL transforms in DataLoader workers (the reference)")
-    system.add_argument("--workers", type=count, default=data.default_workers(),
+    system.add_argument("--workers", type=non_negative_int, default=data.default_workers(),
                         help="DataLoader worker processes of the torchvision pipeline")
     system.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: the GPU when CUDA has one, else the CPU")
@@ -108,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "reduce-overhead in one process, default under torchrun")
 
     output = p.add_argument_group("output and checkpoints")
-    output.add_argument("--out-dir", default=".", help="run.log's folder: metrics.csv, results.png, checkpoints/")
-    output.add_argument("--save-every", type=count, default=0, help="also keep checkpoints/epoch_N.pt every N epochs (0: never)")
+    output.add_argument("--out-dir", default=".", help="folder for metrics.csv, results.png, checkpoints/ and the evaluation report")
+    output.add_argument("--save-every", type=non_negative_int, default=0, help="also keep checkpoints/epoch_N.pt every N epochs (0: never)")
     output.add_argument("--write-interval", type=non_negative_float, default=30, metavar="SECONDS",
                         help="rewrite results.png, last.pt and best.pt at the end of an epoch once this long has passed "
                              "since they were last written, and after the first and last epochs and on a stop "
@@ -133,8 +135,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the schedule decays from --lr to --min-lr")
     if args.hidden % args.heads:
         parser.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}: choose heads that divide it")
-    if 32 % args.patch_size:
-        parser.error(f"--patch-size {args.patch_size} does not divide the 32-pixel CIFAR images: use 1, 2, 4, 8, 16 or 32")
+    image_size = models.ViTConfig.image_size
+    if image_size % args.patch_size:
+        parser.error(f"--patch-size {args.patch_size} does not divide the {image_size}-pixel CIFAR images: "
+                     f"use one of {', '.join(str(d) for d in range(1, image_size + 1) if image_size % d == 0)}")
     if args.no_compile and args.compile_mode != "auto":
         parser.error(f"--compile-mode {args.compile_mode} and --no-compile contradict each other: drop one of them")
     if args.eval_only and not args.checkpoint:

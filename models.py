@@ -39,7 +39,8 @@ class ViTConfig:
     dropout: float = 0.0
     attention: str = "sdpa"
     mlp_final_gelu: bool = True  # the reference puts a GELU after both MLP linears; standard ViT has one
-    init: str = "pytorch"  # pytorch (the reference's): nn.Linear's own init, unit-normal embeddings; timm: trunc. normal, std 0.02
+    init: str = "pytorch"  # pytorch (the reference's): nn.Linear's own init, unit-normal embeddings; timm: timm-style
+    # truncated normal, std 0.02 cut at 2 std (timm cuts at +-2 absolute and starts the class token at std 1e-6)
 
     def __post_init__(self):
         for name in ("image_size", "patch_size", "in_channels", "num_classes", "layers", "hidden",

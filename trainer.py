@@ -2,8 +2,8 @@
 
 One `Trainer` runs one process of a run (a single process, or one rank of a torchrun job):
     trainer = Trainer(args); trainer.fit()      # or trainer.evaluate_checkpoint()
-Everything the run writes lands in args.out_dir: the log on stdout (rank 0 only), metrics.csv,
-results.png, checkpoints/{last,best,epoch_N}.pt and, at the end, the evaluation report
+The log goes to stdout (rank 0 only; `nohup ... > run.log` keeps it); the files go to args.out_dir:
+metrics.csv, results.png, checkpoints/{last,best,epoch_N}.pt and, at the end, the evaluation report
 (attention.png, confusion.png, per_class.csv).
 """
 import copy
@@ -37,7 +37,10 @@ METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_ac
 
 
 class TrainingStopped(Exception):
-    """Ends a run early with a message and an exit status (signal, non-finite loss, failed save)."""
+    """Ends a run early with a message and an exit status: 2 for a setup problem found before training
+    (no CUDA, an unwritable or already used --out-dir, a batch size the processes cannot split), 1 for
+    non-finite values or a failed write, 128 + signum for a stop by signal (main.py prints it without
+    "error:")."""
 
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
@@ -104,6 +107,20 @@ def resolve_compile_mode(requested: str, world: int) -> str:
     if requested == "auto":
         return "reduce-overhead" if world == 1 else "default"
     return requested
+
+
+def argv_without_resume(argv: list) -> list:
+    """The command line less its --resume: `--resume PATH`, `--resume=PATH`, or an abbreviation (`--res P`)."""
+    kept, skip_value = [], False
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if skip_value:
+            skip_value = False
+        elif len(name) > 2 and "--resume".startswith(name):
+            skip_value = "=" not in arg  # the value is the next argument
+        else:
+            kept.append(arg)
+    return kept
 
 
 def probe_writable(folder: str) -> None:
@@ -279,7 +296,7 @@ class Trainer:
             self.compare_curve = plots.read_curve(args.compare_curve)
         resume_state = self.resume_state()  # checkpoint and out-dir problems show before the data is read
         if self.is_main:
-            self.probe_out_dir()
+            self.prepare_checkpoint_dir()
         cifar = data.load_cifar(args.dataset, args.data_dir)
         self.classes = cifar.classes
         if resume_state:
@@ -308,8 +325,8 @@ class Trainer:
                                        position if epoch == start_epoch else None)
                 test_loss, test_acc, predictions = self.evaluate(test_images, test_labels)
                 if not math.isfinite(test_loss):  # finite but huge weights: caught before they are saved
-                    raise self.non_finite("test loss after the update", epoch, steps_per_epoch)
-                row.update(test_loss=test_loss, test_acc=test_acc, epoch_seconds=time.time() - row.pop("start"))
+                    raise self.non_finite_error("test loss after the update", epoch, steps_per_epoch)
+                row.update(test_loss=test_loss, test_acc=test_acc, epoch_seconds=time.time() - row.pop("epoch_start"))
                 self.end_epoch(row)
         except TrainingStopped:
             self.flush_deferred_outputs()
@@ -337,7 +354,9 @@ class Trainer:
         skip, elapsed = (position["step"], position["seconds"]) if position else (0, 0.0)
         if position and self.is_main:  # the saved sums are already reduced over all ranks
             sums += position["sums"].to(self.device)
-        start, train_start = time.time() - elapsed, time.time()
+        # epoch_start counts the seconds an interrupted session already spent on this epoch (epoch_seconds,
+        # the saved position); session_start times only this session's training (images/s)
+        epoch_start, session_start = time.time() - elapsed, time.time()
         progress = self.progress_bar(epoch, steps_per_epoch, skip)
         for step_in_epoch, (images, labels) in enumerate(loader.epoch(epoch)):
             if step_in_epoch < skip:
@@ -345,7 +364,7 @@ class Trainer:
             lr = learning_rate((epoch - 1) * steps_per_epoch + step_in_epoch, total_steps, warmup_steps,
                                args.lr, args.min_lr)
             labels = labels.to(self.device, non_blocking=True)
-            global_batch = min(args.batch_size, loader.num_samples - step_in_epoch * args.batch_size)
+            global_batch = min(args.batch_size, loader.num_samples - step_in_epoch * args.batch_size)  # as EpochBatches
             loss, correct = self.train_step(images, labels, lr, global_batch)
             sums[0] += loss * len(labels)
             sums[1] += correct
@@ -355,16 +374,16 @@ class Trainer:
                 progress.update(1)
             if self.stop_requested(step_in_epoch):
                 self.check_finite(non_finite, epoch, step_in_epoch + 1)
-                self.stop_mid_epoch(epoch, step_in_epoch + 1, sums, time.time() - start)
+                self.stop_mid_epoch(epoch, step_in_epoch + 1, sums, time.time() - epoch_start)
         if progress is not None:
             progress.close()
         self.check_finite(non_finite, epoch, steps_per_epoch)
-        train_seconds = time.time() - train_start
+        train_seconds = time.time() - session_start
         loss_sum, correct, seen = self.all_reduce(sums).tolist()
         seen_this_session = seen - (position["sums"][2].item() if position else 0)
         last_lr = learning_rate(epoch * steps_per_epoch - 1, total_steps, warmup_steps, args.lr, args.min_lr)
         return {"epoch": epoch, "lr": last_lr, "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
-                "images_per_second": seen_this_session / max(train_seconds, 1e-9), "start": start}
+                "images_per_second": seen_this_session / max(train_seconds, 1e-9), "epoch_start": epoch_start}
 
     def stop_requested(self, step_in_epoch) -> bool:
         """Whether a signal asked to stop. Ranks of a distributed run must stop at the same step, so they
@@ -388,9 +407,9 @@ class Trainer:
             what, step = "weights after the update", steps_done  # identical on every rank
         else:
             return
-        raise self.non_finite(what, epoch, step)
+        raise self.non_finite_error(what, epoch, step)
 
-    def non_finite(self, what, epoch, step):
+    def non_finite_error(self, what, epoch, step):
         last = os.path.join(self.checkpoint_dir, "last.pt")
         kept = f"the last good checkpoint is {last}" if os.path.isfile(last) else "no checkpoint was written"
         return TrainingStopped(f"non-finite {what} at epoch {epoch}, step {step}: stopped; {kept} (try a lower --lr)")
@@ -498,7 +517,7 @@ class Trainer:
             raise TrainingStopped(f"could not write {path} ({error.strerror or error}): free disk space or choose "
                                   f"another --out-dir; the previous {name} is intact") from None
 
-    def probe_out_dir(self):
+    def prepare_checkpoint_dir(self):
         """An unwritable --out-dir shows before any long work; partial files of a save that was killed
         (SIGKILL) are cleared."""
         probe_writable(self.checkpoint_dir)
@@ -532,12 +551,12 @@ class Trainer:
             position = state["scheduler"]["position"]
             stopped = f", stopped at step {int(position['step'])} of the next" if position is not None else ""
         except (KeyError, TypeError, ValueError, IndexError) as error:
-            raise self.malformed(error) from None
+            raise self.malformed_state_error(error) from None
         self.log(f"resuming from {path} (epoch {state['epoch']} done{stopped})")
         self.check_recipe_flags(state, stopped_mid_epoch=position is not None)
         return state
 
-    def malformed(self, error):
+    def malformed_state_error(self, error):
         return checkpoint.CheckpointError(f"{self.resume_path} has a malformed training state ({type(error).__name__}: "
                                           f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}): "
                                           f"resume from another checkpoint or start a new --out-dir")
@@ -583,7 +602,7 @@ class Trainer:
                 return int(position["epoch"]), position
             return int(state["epoch"]) + 1, None
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
-            raise self.malformed(error) from None
+            raise self.malformed_state_error(error) from None
 
     # ------------------------------------------------------------------------------------ signals
 
@@ -613,26 +632,17 @@ class Trainer:
         position = {"epoch": epoch, "step": steps_done, "sums": self.all_reduce(sums.clone()).cpu(), "seconds": seconds}
         if self.is_main:
             self.save(self.state(epoch - 1, position), "last.pt")
-        argv, value_next = [], False
-        for arg in sys.argv:  # the command line less any --resume PATH (or an abbreviation, or --resume=PATH)
-            name = arg.split("=", 1)[0]
-            if value_next or (len(name) > 2 and "--resume".startswith(name)):
-                value_next = not value_next and "=" not in arg
-                continue
-            argv.append(arg)
-        resume = shlex.join(argv)
+        command = shlex.join(argv_without_resume(sys.argv))
         raise TrainingStopped(f"stopped by {signal.Signals(self.stop_signal).name} at epoch {epoch}, step {steps_done}; "
                               f"saved {os.path.join(self.checkpoint_dir, 'last.pt')}; continue with: "
-                              f"python {resume} --resume auto", 128 + self.stop_signal)
+                              f"python {command} --resume auto", 128 + self.stop_signal)
 
     # ------------------------------------------------------------------------------------ eval-only
 
     def evaluate_checkpoint(self) -> dict:
         args = self.args
-        state = checkpoint.load(args.checkpoint)
-        config = dataclasses.replace(checkpoint.model_config_of(state, args.checkpoint), attention=self.attention)
-        self.model = VisionTransformer(config)
-        checkpoint.load_weights(self.model, state, args.checkpoint)  # before the (possibly long) data loading
+        self.model, state = checkpoint.load_model(args.checkpoint, attention=self.attention)  # before the data
+        config = self.model.config
         if config.num_classes != data.NUM_CLASSES[args.dataset]:
             raise checkpoint.CheckpointError(f"{args.checkpoint} predicts {config.num_classes} classes but {args.dataset} "
                                              f"has {data.NUM_CLASSES[args.dataset]}: pass the --dataset it was trained on")
