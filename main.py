@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--heads", type=positive_int, default=12, help="must divide --hidden")
     model.add_argument("--patch-size", type=positive_int, default=4, help="must divide the 32-pixel image size")
     model.add_argument("--dropout", type=fraction, default=0.0,
-                       help="on embeddings, attention weights and both residual branches")
+                       help="on embeddings, attention weights, inside the MLP and on both residual branches")
     model.add_argument("--init", choices=models.INITS, default="pytorch",
                        help="pytorch: nn.Linear's default init and unit-normal class token and position embedding, "
                             "as the reference; timm: timm-style truncated normal, std 0.02 cut at 2 std, for all "

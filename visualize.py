@@ -138,6 +138,11 @@ def per_class_accuracy(matrix: torch.Tensor) -> list:
     return (100 * correct / total).tolist()  # 0/0 gives nan
 
 
+def per_class_rows(matrix: torch.Tensor, classes: list) -> list:
+    """(class name, correct, total, accuracy %) for each true class of a confusion matrix."""
+    return list(zip(classes, matrix.diag().tolist(), matrix.sum(dim=1).tolist(), per_class_accuracy(matrix)))
+
+
 def save_confusion_figure(matrix: torch.Tensor, classes: list, path: str) -> None:
     num_classes = len(classes)
     totals = matrix.sum(dim=1, keepdim=True).clamp(min=1)
@@ -170,8 +175,7 @@ def write_per_class_csv(matrix: torch.Tensor, classes: list, path: str) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["class", "correct", "total", "accuracy_percent"])
-        rows = zip(classes, matrix.diag().tolist(), matrix.sum(dim=1).tolist(), per_class_accuracy(matrix))
-        for name, correct, total, accuracy in rows:
+        for name, correct, total, accuracy in per_class_rows(matrix, classes):
             writer.writerow([name, correct, total, f"{accuracy:.2f}"])
 
 
@@ -179,8 +183,7 @@ def per_class_table(matrix: torch.Tensor, classes: list) -> list:
     """Aligned text lines: a header, one line per class, and the overall accuracy."""
     width = max(len(name) for name in [*classes, "class"])
     lines = [f"{'class':<{width}}  {'correct':>7}  {'total':>7}  {'accuracy':>8}"]
-    rows = zip(classes, matrix.diag().tolist(), matrix.sum(dim=1).tolist(), per_class_accuracy(matrix))
-    for name, correct, total, accuracy in rows:
+    for name, correct, total, accuracy in per_class_rows(matrix, classes):
         lines.append(f"{name:<{width}}  {correct:>7}  {total:>7}  {accuracy:>7.2f}%")
     correct, total = int(matrix.diag().sum()), int(matrix.sum())
     lines.append(f"{'all':<{width}}  {correct:>7}  {total:>7}  {100 * correct / max(total, 1):>7.2f}%")
