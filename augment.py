@@ -6,10 +6,10 @@ device it lives on. Unlike ``torchvision.transforms.v2.AutoAugment``, which make
 draws per call and so shares them across a batch, every image here gets its own crop offset, flip,
 sub-policy, apply/skip draw per operation and sign for signed operations.
 
-Each operation follows the semantics of torchvision 0.29's ``transforms.v2`` tensor functions (magnitude bins, truncation of
-translations, rounding, clamping, nearest-neighbour sampling, equalize's PIL-style lookup table,
-autocontrast's handling of constant channels, sharpness' untouched border), with grey fill 128 for
-the pixels that geometric operations uncover. The tests check the result against torchvision,
+Each operation follows the semantics of torchvision 0.29's ``transforms.v2`` tensor functions
+(magnitude bins, truncation of translations, rounding, clamping, nearest-neighbour sampling,
+equalize's PIL-style lookup table, autocontrast's handling of constant channels, sharpness'
+untouched border), with grey fill 128 for the pixels that geometric operations uncover. The tests check the result against torchvision,
 image by image. (The reference pipeline, ``--data-pipeline torchvision``, runs torchvision's v1
 transforms on PIL images instead: the same policy, but not the same arithmetic in every case.)
 
@@ -211,9 +211,9 @@ def _per_sample(values):
 def _blend(pixels, other, factors):
     """torchvision v2's ``_blend``: clamp(pixels * f + other * (1 - f)), truncated to uint8.
 
-    torchvision.transforms.v2 computes ``image.mul(f).add_(other, alpha=1 - f)`` in float32, and the add with
-    alpha is a fused multiply-add: one rounding. With per-sample factors there is no fused op to
-    call, so the add is done in float64, where for uint8 images the product and the sum are
+    torchvision.transforms.v2 computes ``image.mul(f).add_(other, alpha=1 - f)`` in float32, and the
+    add with alpha is a fused multiply-add: one rounding. With per-sample factors there is no fused
+    op to call, so the add is done in float64, where for uint8 images the product and the sum are
     exact (they need about 50 significant bits at most), and then rounded to float32 once.
     ``pixels`` is the uint8 image as float32.
     """

@@ -47,6 +47,16 @@ def atomic_file(path: str, mode: str = "wb", **open_kwargs):
     _fsync_folder(folder)
 
 
+def probe_writable(folder: str) -> None:
+    """Creates `folder` and writes (and syncs) a small file there, so that a read-only, missing or full place
+    shows before any long work; raises OSError if it cannot."""
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder) as f:
+        f.write(b"\0" * 4096)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -23,8 +23,8 @@ from augment import train_augment
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
-DATASETS = ("cifar10", "cifar100")
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
+DATASETS = tuple(NUM_CLASSES)
 PIPELINES = ("device", "torchvision")
 AUTOAUGMENT_FILL = 128
 

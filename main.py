@@ -54,7 +54,7 @@ class OneLineErrors(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrors(description="Train a from-scratch ViT on CIFAR (defaults: the reference recipe).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train = p.add_argument_group("training")
     train.add_argument("--epochs", type=positive_int, default=200, help="training epochs")
     train.add_argument("--batch-size", type=positive_int, default=128,
@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "reduce-overhead in one process, default under torchrun")
 
     output = p.add_argument_group("output and checkpoints")
-    output.add_argument("--out-dir", default=".", help="folder for metrics.csv, results.png, checkpoints/ and the evaluation report")
+    output.add_argument("--out-dir", default=".",
+                        help="folder for metrics.csv, results.png, checkpoints/ and the evaluation report")
     output.add_argument("--save-every", type=non_negative_int, default=0, help="also keep checkpoints/epoch_N.pt every N epochs (0: never)")
     output.add_argument("--write-interval", type=non_negative_float, default=30, metavar="SECONDS",
                         help="rewrite results.png, last.pt and best.pt at the end of an epoch once this long has passed "

@@ -18,14 +18,13 @@ the exit status is then 1. A missing or unreadable checkpoint: a one-line error,
 import argparse
 import os
 import sys
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from checkpoint import CheckpointError, load_model
+from checkpoint import CheckpointError, load_model, probe_writable
 from data import normalize
 from visualize import save_attention_figure
 
@@ -98,9 +97,7 @@ def parse_args(argv=None):
         parser.error("--device cuda, but CUDA is not available here: use --device cpu")
     if args.attention:
         try:
-            os.makedirs(args.out_dir, exist_ok=True)
-            with tempfile.TemporaryFile(dir=args.out_dir):
-                pass
+            probe_writable(args.out_dir)
         except OSError as error:
             parser.error(f"--out-dir {args.out_dir}: cannot write there ({error.strerror or error}): "
                          f"choose another folder for the --attention figures")

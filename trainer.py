@@ -14,7 +14,6 @@ import os
 import shlex
 import signal
 import sys
-import tempfile
 import time
 
 import torch
@@ -123,15 +122,10 @@ def argv_without_resume(argv: list) -> list:
     return kept
 
 
-def probe_writable(folder: str) -> None:
-    """Creates `folder` and writes (and syncs) a small file there: a full disk or a read-only or missing place
-    shows as a one-line error before any long work."""
+def require_writable(folder: str) -> None:
+    """checkpoint.probe_writable, its failure turned into the one-line stop main.py prints."""
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder) as f:
-            f.write(b"\0" * 4096)
-            f.flush()
-            os.fsync(f.fileno())
+        checkpoint.probe_writable(folder)
     except OSError as error:
         raise TrainingStopped(f"cannot write to {folder} ({error.strerror or error}): choose a writable --out-dir",
                               2) from None
@@ -520,7 +514,7 @@ class Trainer:
     def prepare_checkpoint_dir(self):
         """An unwritable --out-dir shows before any long work; partial files of a save that was killed
         (SIGKILL) are cleared."""
-        probe_writable(self.checkpoint_dir)
+        require_writable(self.checkpoint_dir)
         for name in os.listdir(self.checkpoint_dir):
             path = os.path.join(self.checkpoint_dir, name)
             if name.startswith(".tmp-") and os.path.isfile(path):
@@ -647,7 +641,7 @@ class Trainer:
             raise checkpoint.CheckpointError(f"{args.checkpoint} predicts {config.num_classes} classes but {args.dataset} "
                                              f"has {data.NUM_CLASSES[args.dataset]}: pass the --dataset it was trained on")
         if self.is_main:
-            probe_writable(self.out_dir)
+            require_writable(self.out_dir)
         cifar = data.load_cifar(args.dataset, args.data_dir)
         self.model_config, self.classes = config, cifar.classes
         self.model = self.model.to(self.device)

@@ -538,7 +538,7 @@ def test_read_only_out_dir_is_refused_at_start(tmp_path, fake_data, cli, no_data
 def test_full_disk_at_start_is_refused_and_nothing_is_lost(run_dir, fake_data, cli, monkeypatch, no_data):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(trainer.tempfile, "TemporaryFile", full)
+    monkeypatch.setattr(checkpoint.tempfile, "TemporaryFile", full)
     before = snapshot(run_dir)
     status, out, err = cli(train_args(fake_data, run_dir, "--resume", "auto", epochs=2))
     assert status == 2
