@@ -4,7 +4,7 @@
     python bench.py --device cuda --steps 300         # one GPU
     python bench.py --data-dir ../shared/data         # real CIFAR-10 images (else random ones)
     python bench.py --device cpu --fast-flags "--precision bf16"   # other main.py flags for the fast row
-    python bench.py --device cuda --fast-flags "" --fast-flags "--compile-mode default"   # two fast rows
+    python bench.py --device cuda --fast-flags "" --fast-flags "--compile-mode whole-step"   # two fast rows
     python bench.py --device cuda --profile-steps 20  # also where each row's step spends its time (torch.profiler)
 
 (a) reference: torchvision PIL pipeline in a DataLoader, explicit attention, fp32, eager.

@@ -104,10 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="auto: bf16 autocast where the hardware computes bf16 natively (CUDA GPUs from Ampere "
                              "on, CPUs with AVX512-BF16 or AMX), else fp32")
     system.add_argument("--no-compile", action="store_true", help="do not torch.compile the model (CUDA only)")
-    system.add_argument("--compile-mode", choices=("auto", "default", "reduce-overhead"), default="auto",
+    system.add_argument("--compile-mode", choices=("auto", "default", "reduce-overhead", "whole-step"), default="auto",
                         help="torch.compile mode on CUDA; reduce-overhead replays the compiled forward and backward "
-                             "as CUDA graphs, cutting the per-step launch cost (one process only); auto: "
-                             "reduce-overhead in one process, default under torchrun")
+                             "as CUDA graphs, cutting the per-step launch cost (one process only); whole-step "
+                             "(experimental, not yet timed on a GPU): forward, backward and the optimizer step of "
+                             "a full batch as one CUDA graph (one process only); auto: reduce-overhead in one "
+                             "process, default under torchrun")
 
     output = p.add_argument_group("output and checkpoints")
     output.add_argument("--out-dir", default=".",

@@ -31,6 +31,9 @@ from models import ViTConfig, VisionTransformer, count_parameters
 RECIPE_FLAGS = ("epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "optimizer", "weight_decay", "beta1", "beta2",
                 "label_smoothing", "seed")
 
+# Compile modes that replay CUDA graphs: one process only.
+GRAPHED_MODES = ("reduce-overhead", "whole-step")
+
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
                  "images_per_second")
 
@@ -156,6 +159,72 @@ def shutdown_distributed():
         dist.destroy_process_group()
 
 
+class StepGraph:
+    """--compile-mode whole-step: a full batch's forward, backward and optimizer step replayed as one CUDA graph.
+
+    reduce-overhead graphs the compiled forward and backward, but the optimizer step, the learning-rate update and
+    the launches between them stay on the host, which on an H100 took about as long as the kernels. Here the first
+    `warmup_steps` steps are ordinary steps on a side stream (they compile the model and create Adam's state;
+    neither may happen during a capture); the next one is captured, and from then on a full batch costs two
+    copies into the graph's static inputs, a fill of its learning-rate tensor and one replay. A batch of another
+    size (an epoch's partial last one) takes the ordinary step. For the capture the param groups hold the
+    learning rate as that device tensor and capturable=True (fused Adam computes the same either way); both are
+    put back after it, so checkpoints are alike in every mode. capture=False runs the same body without a graph:
+    how the tests check its logic on a CPU."""
+
+    def __init__(self, trainer, batch_size: int, capture: bool = True, warmup_steps: int = 3):
+        self.trainer, self.batch_size, self.capture, self.warmup_left = trainer, batch_size, capture, warmup_steps
+        self.graph = self.images = self.labels = self.lr = self.outputs = None
+        self.replays = 0  # steps taken through the graph (or, without capture, through its body)
+
+    def __call__(self, images, labels, lr: float):
+        self.trainer.set_learning_rate(lr)  # the float a checkpoint records
+        if self.warmup_left:
+            self.warmup_left -= 1
+            return self.warmup_step(images.to(self.trainer.device, non_blocking=True), labels)
+        if self.images is None:
+            self.images = torch.empty_like(images, device=self.trainer.device)
+            self.labels = torch.empty_like(labels)
+            self.lr = torch.empty((), device=self.trainer.device)
+        self.images.copy_(images, non_blocking=True)
+        self.labels.copy_(labels, non_blocking=True)
+        self.lr.fill_(lr)
+        if not self.capture:
+            self.outputs = self.body()
+        elif self.graph is None:
+            self.record()
+        if self.graph is not None:
+            self.graph.replay()  # the capture only recorded the step: this takes it
+        self.replays += 1
+        return self.outputs
+
+    def warmup_step(self, images, labels):
+        if not self.capture:
+            return self.trainer.update(images, labels)
+        side, main_stream = torch.cuda.Stream(self.trainer.device), torch.cuda.current_stream(self.trainer.device)
+        side.wait_stream(main_stream)
+        with torch.cuda.stream(side):
+            outputs = self.trainer.update(images, labels)
+        main_stream.wait_stream(side)
+        return outputs
+
+    def record(self):
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = self.body()
+
+    def body(self):
+        groups = self.trainer.optimizer.param_groups
+        saved = [(group["lr"], group["capturable"]) for group in groups]
+        for group in groups:
+            group["lr"], group["capturable"] = self.lr, self.capture
+        try:
+            return self.trainer.update(self.images, self.labels)
+        finally:
+            for group, (lr, capturable) in zip(groups, saved):
+                group["lr"], group["capturable"] = lr, capturable
+
+
 class Trainer:
     def __init__(self, args):
         self.args = args
@@ -163,8 +232,9 @@ class Trainer:
         if args.batch_size % env_world:  # checked before the processes rendezvous, so every rank exits at once
             raise TrainingStopped(f"--batch-size {args.batch_size} is the global batch and must divide by the "
                                   f"{env_world} processes: choose a multiple of {env_world}", 2)
-        if args.compile_mode == "reduce-overhead" and env_world > 1:  # DDP's gradient hooks cannot be graphed
-            raise TrainingStopped("--compile-mode reduce-overhead works in one process only: drop it under torchrun", 2)
+        if args.compile_mode in GRAPHED_MODES and env_world > 1:  # DDP's gradient hooks cannot be graphed
+            raise TrainingStopped(f"--compile-mode {args.compile_mode} works in one process only: drop it under "
+                                  f"torchrun", 2)
         self.compile_mode = resolve_compile_mode(args.compile_mode, env_world)
         self.device = resolve_device(args.device, local_rank, quiet=env_rank != 0)
         self.rank, self.world = init_distributed(self.device)
@@ -199,9 +269,12 @@ class Trainer:
         if self.world > 1:
             self.network = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.use_cuda else None)
-        # Compiling the whole forward (normalisation, model, loss, argmax) fuses its small kernels.
-        self.loss_and_predictions = (torch.compile(self._loss_and_predictions, dynamic=False, mode=self.compile_mode)
+        # Compiling the whole forward (normalisation, model, loss, argmax) fuses its small kernels. whole-step
+        # compiles in default mode and captures the CUDA graph itself (StepGraph), optimizer step included.
+        torch_mode = "default" if self.compile_mode == "whole-step" else self.compile_mode
+        self.loss_and_predictions = (torch.compile(self._loss_and_predictions, dynamic=False, mode=torch_mode)
                                      if self.compiled else self._loss_and_predictions)
+        self.step_graph = StepGraph(self, args.batch_size) if self.compiled and self.compile_mode == "whole-step" else None
 
     def compile_label(self) -> str:
         if not self.compiled:
@@ -231,12 +304,21 @@ class Trainer:
     def train_step(self, images_uint8, labels, lr, global_batch=None):
         """One optimisation step; returns the loss and the number of correct predictions as device tensors,
         without waiting for the device. `global_batch`: the size of this step's batch over all ranks.
-        Under CUDA graphs (compile mode reduce-overhead) the loss lives in CUDA-graph memory that the next step reuses:
-        read it (or clone it) before the next call."""
+        Under CUDA graphs (compile modes reduce-overhead and whole-step) the loss lives in graph memory that the
+        next step reuses: read it (or clone it) before the next call."""
+        if self.step_graph is not None and len(labels) == self.step_graph.batch_size:
+            return self.step_graph(images_uint8, labels, lr)
+        self.set_learning_rate(lr)
+        return self.update(images_uint8.to(self.device, non_blocking=True), labels, global_batch)
+
+    def set_learning_rate(self, lr):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss, predictions = self.loss_and_predictions(self.network, images_uint8.to(self.device, non_blocking=True),
-                                                      labels)
+
+    def update(self, images_uint8, labels, global_batch=None):
+        """Forward, backward and the optimizer step at the learning rate already set; the gradients are None
+        before and after. Also the body of the whole-step graph."""
+        loss, predictions = self.loss_and_predictions(self.network, images_uint8, labels)
         weight = len(labels) * self.world / global_batch if self.world > 1 and global_batch else 1.0
         # DDP averages the ranks' gradients with equal weights, but a partial last global batch splits into
         # unequal (even empty) local batches: weighting each rank's mean loss by its share makes the gradient

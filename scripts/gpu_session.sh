@@ -2,24 +2,23 @@
 # Everything this project measures on a lent GPU, in stages that fit the device tool's calls
 # (10 minutes per call, 15 minutes per task, machine start included):
 #
-#   CALL_SECONDS=550 bash scripts/gpu_session.sh OUT_DIR bench full tests   # first call, timeout_s 580
-#   CALL_SECONDS=240 bash scripts/gpu_session.sh OUT_DIR tests torchrun     # at once after it, if time is left
-# (On an H100, 2026-11-26: bench 98 s with three rows, full 399 s, tests 139 s.)
+#   CALL_SECONDS=300 bash scripts/gpu_session.sh OUT_DIR tests bench   # first call, timeout_s 330
+#   CALL_SECONDS=520 bash scripts/gpu_session.sh OUT_DIR full          # at once after it, timeout_s 550
+# (On an H100, 2026-11-26/27: bench 98-103 s with three rows of 150 steps, full 385-399 s, tests 112-139 s;
+# the machine's start took 1-2 minutes of the task's 15.)
 #
 # Stages (any order, any subset; run from the repository root with .device/ carried, see README):
-#   bench     bench.py: reference, fast (defaults: CUDA graphs), fast with the explicit attention
-#             (against cuDNN's fused kernels, 26% of the graphed step on the H100), profiled
+#   bench     bench.py: reference, fast (defaults: compiled forward and backward as CUDA graphs), and fast
+#             with --compile-mode whole-step (the optimizer step inside the graph too), profiled
 #   full      the 200-epoch default recipe on the JPEG copy, with the flags of bench's fastest fast row
 #             (and with the defaults if those fail)
 #   tests     the CUDA tests: tests/test_cuda.py and the CUDA cases of tests/test_augment.py
 #   torchrun  issue 4: `torchrun --nproc_per_node=1 main.py` against `python main.py`, same flags, 3 epochs each
-#   stepgraph scripts/whole_step_graph.py: the whole step (forward, backward, Adam) as one CUDA graph,
-#             checked against the trainer's step and timed beside it
 #   lossless  gathers the carried parts of the lossless copy (scripts/split_lossless.sh) in /tmp; once all
 #             three are there, checks and unpacks them into /tmp/lossless
 # Data: DATA=jpeg (default) unpacks and uses the carried JPEG copy (.device/); DATA=lossless uses /tmp/lossless.
-# Each stage stops by its own limit (BENCH_SECONDS, FULL_RUN_SECONDS, TEST_SECONDS, TORCHRUN_SECONDS,
-# STEPGRAPH_SECONDS) or 15 s before the call's end (CALL_SECONDS after the start), whichever comes
+# Each stage stops by its own limit (BENCH_SECONDS, FULL_RUN_SECONDS, TEST_SECONDS, TORCHRUN_SECONDS)
+# or 15 s before the call's end (CALL_SECONDS after the start), whichever comes
 # first. The device tool returns at most 8 files: OUT_DIR gets the main ones and session.tar.gz with
 # everything.
 set -u
@@ -31,7 +30,7 @@ export PYTHONUNBUFFERED=1
 mkdir -p "$out"
 
 pack() {  # the files the device tool returns: a few on their own, all of them in one archive
-    for f in machine.txt bench.json full_run.log metrics.csv results.png tests.log stepgraph.log; do
+    for f in machine.txt bench.json full_run.log metrics.csv results.png tests.log; do
         [ -f "$work/$f" ] && cp "$work/$f" "$out/"
     done
     tar czf "$out/session.tar.gz" -C "$work" .
@@ -104,7 +103,7 @@ for stage in "$@"; do
     bench)
         timeout "$(limit "${BENCH_SECONDS:-240}")" python3 bench.py --device cuda --data-dir "$data_dir" \
             --json "$work/bench.json" --steps 390 --warmup 20 --profile-steps 10 \
-            --fast-flags "" --fast-flags "--attention math" > "$work/bench.log" 2>&1
+            --fast-flags "" --fast-flags "--compile-mode whole-step" > "$work/bench.log" 2>&1
         echo "bench: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/bench.log" ;;
     full)
         flags=$(fastest_row_flags)
@@ -135,14 +134,10 @@ for stage in "$@"; do
         } | tee -a "$work/torchrun.log"
         cp /tmp/single/metrics.csv "$work/torchrun-single-metrics.csv" 2>/dev/null
         cp /tmp/ddp1/metrics.csv "$work/torchrun-ddp1-metrics.csv" 2>/dev/null ;;
-    stepgraph)
-        PYTHONPATH=. timeout "$(limit "${STEPGRAPH_SECONDS:-150}")" python3 scripts/whole_step_graph.py \
-            --data-dir "$data_dir" > "$work/stepgraph.log" 2>&1
-        echo "whole-step graph: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/stepgraph.log" ;;
     lossless)
         gather_lossless 2>&1 | tee -a "$work/lossless.log" ;;
     *)
-        echo "unknown stage $stage (bench, full, tests, torchrun, stepgraph, lossless)"; exit 2 ;;
+        echo "unknown stage $stage (bench, full, tests, torchrun, lossless)"; exit 2 ;;
     esac
 done
 
@@ -151,5 +146,4 @@ echo "==== summary"
 [ -f "$work/full_run.log" ] && grep -E "^epoch|^done|full run|^model" "$work/full_run.log" | tail -n 6
 [ -f "$work/tests.log" ] && tail -n 3 "$work/tests.log"
 [ -f "$work/torchrun.log" ] && tail -n 2 "$work/torchrun.log"
-[ -f "$work/stepgraph.log" ] && grep -E "^(check|whole step|trainer step|ratio|error|Traceback|[A-Za-z]*Error)" "$work/stepgraph.log"
 exit 0

@@ -1,5 +1,4 @@
 """bench.py: its rows, its JSON and its profile tables, on a tiny CPU run; and the FLOP count it reports."""
-import itertools
 import json
 import os
 import subprocess
@@ -85,7 +84,6 @@ def test_attention_backends_times_the_default_models_shape():
 
 @pytest.mark.parametrize("script, message", [
     ("attention_backends", "attention_backends.py times CUDA kernels"),
-    ("whole_step_graph", "whole_step_graph.py captures CUDA graphs"),
 ])
 def test_cuda_scripts_without_cuda_are_one_line_errors(script, message):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", f"{script}.py")],
@@ -94,34 +92,6 @@ def test_cuda_scripts_without_cuda_are_one_line_errors(script, message):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: {message} and found no CUDA GPU; run it on a GPU machine"]
-
-
-def test_whole_step_body_matches_the_trainers_step_on_cpu(fake_cifar10):
-    """The graph's body (static buffers, capturable Adam with a tensor learning rate, sums on the device)
-    run without capture: the same losses and weights as the trainer's step, and reset() restores the start."""
-    import data
-    from conftest import TINY_MODEL
-    script = load_script("whole_step_graph")
-    flags = ["--precision", "fp32", "--batch-size", "8", *TINY_MODEL]
-    reference = script.build_trainer("cpu", "default", flags)
-    trainer = script.build_trainer("cpu", "default", flags)
-    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    graphed = script.WholeStepGraph(trainer, 8, capture=False)
-    cifar = data.load_cifar("cifar10", fake_cifar10, download=False)
-    loader = data.DeviceTrainLoader(cifar.train_images, cifar.train_labels, 8, 0, "cpu")
-    batches = list(itertools.islice(loader.epoch(1), 4))
-    loss_gap, weight_gap, _, _ = script.check_equal(reference, graphed, batches, 1e-3)
-    assert loss_gap < 1e-5 and weight_gap < 1e-5
-    moved = sum((p - initial[n]).abs().sum() for n, p in trainer.model.named_parameters())
-    assert moved > 0
-    graphed.reset(initial)
-    assert all(torch.equal(v, initial[k]) for k, v in trainer.model.state_dict().items())
-    assert all(not value.any() for state in graphed.optimizer.state.values() for value in state.values())
-    assert not graphed.sums.any()
-
-    calls = []
-    rate = script.time_images_per_second(lambda *batch: calls.append(batch), loader, 3, 8, 1e-3)
-    assert len(calls) == 3 and rate > 0
 
 
 @pytest.mark.parametrize("args, fragment", [

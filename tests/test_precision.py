@@ -46,14 +46,15 @@ def test_auto_compile_mode_graphs_one_process_only():
     assert trainer.resolve_compile_mode("reduce-overhead", 1) == "reduce-overhead"
 
 
-def test_cuda_graphs_are_refused_under_torchrun_and_with_no_compile(monkeypatch, capsys):
+@pytest.mark.parametrize("mode", ["reduce-overhead", "whole-step"])
+def test_cuda_graphs_are_refused_under_torchrun_and_with_no_compile(monkeypatch, capsys, mode):
     import main
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    args = main.parse_args(["--compile-mode", "reduce-overhead", "--device", "cpu"])
-    with pytest.raises(trainer.TrainingStopped, match="reduce-overhead works in one process only: drop it under torchrun"):
+    args = main.parse_args(["--compile-mode", mode, "--device", "cpu"])
+    with pytest.raises(trainer.TrainingStopped, match=f"{mode} works in one process only: drop it under torchrun"):
         trainer.Trainer(args)  # before any process group is started
     with pytest.raises(SystemExit):
-        main.parse_args(["--compile-mode", "reduce-overhead", "--no-compile"])
-    assert "--compile-mode reduce-overhead and --no-compile contradict each other" in capsys.readouterr().err
+        main.parse_args(["--compile-mode", mode, "--no-compile"])
+    assert f"--compile-mode {mode} and --no-compile contradict each other" in capsys.readouterr().err

@@ -1,0 +1,59 @@
+"""--compile-mode whole-step on a CPU: StepGraph's body without the capture (which needs CUDA; its CUDA tests
+are in test_cuda.py) against the ordinary step."""
+import torch
+
+import data
+import main
+import trainer
+from conftest import TINY_MODEL
+
+FLAGS = ["--device", "cpu", "--precision", "fp32", "--batch-size", "8", *TINY_MODEL]
+
+
+def built_trainer(flags=FLAGS):
+    runner = trainer.Trainer(main.parse_args(flags))
+    runner.build(10)
+    return runner
+
+
+def relative_gap(tensors, references):
+    a = torch.cat([t.detach().flatten().double() for t in tensors])
+    b = torch.cat([t.detach().flatten().double() for t in references])
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_whole_step_body_takes_the_ordinary_steps(fake_cifar10):
+    """Warm-up steps, then the body on static inputs with the learning rate as a tensor, and the partial last
+    batch through the ordinary step between graph steps: the same losses, weights and Adam state as ordinary
+    steps at the same (changing) learning rates, and the param groups keep a float learning rate for checkpoints."""
+    ordinary, graphed = built_trainer(), built_trainer()
+    graphed.step_graph = trainer.StepGraph(graphed, 8, capture=False, warmup_steps=2)
+    cifar = data.load_cifar("cifar10", fake_cifar10, download=False)
+    loader = data.DeviceTrainLoader(cifar.train_images[:44], cifar.train_labels[:44], 8, 0, "cpu")  # 5 full, 1 of 4
+    step, sizes = 0, []
+    for epoch in (1, 2):
+        for images, labels in loader.epoch(epoch):
+            lr = 1e-3 * (1 + step % 3)  # a graph that kept its first learning rate would drift from the ordinary steps
+            expected_loss, expected_correct = ordinary.train_step(images, labels, lr)
+            loss, correct = graphed.train_step(images, labels, lr)
+            assert torch.allclose(loss, expected_loss, rtol=1e-5, atol=1e-6), step
+            assert correct == expected_correct
+            sizes.append(len(labels))
+            step += 1
+    assert sizes == [8, 8, 8, 8, 8, 4] * 2
+    assert graphed.step_graph.replays == 10 - 2  # every full batch after the two warm-up steps
+    # Summed over all weights: the attention's key bias has a zero gradient up to rounding, which Adam scales up,
+    # so its few entries differ by ~1e-5 between two equal computations summed in another order.
+    assert relative_gap(graphed.model.parameters(), ordinary.model.parameters()) < 1e-6
+    ordinary_state, graphed_state = ordinary.optimizer.state_dict(), graphed.optimizer.state_dict()
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        assert relative_gap([s[key] for s in graphed_state["state"].values()],
+                            [s[key] for s in ordinary_state["state"].values()]) < 1e-6, key
+    assert [(group["lr"], group["capturable"]) for group in graphed_state["param_groups"]] == [(lr, False)]
+    assert all(parameter.grad is None for parameter in graphed.model.parameters())
+
+
+def test_whole_step_mode_needs_cuda_and_compile():
+    """On a CPU the model is not compiled, so there is no graph: the ordinary step, and the log says compile off."""
+    runner = built_trainer([*FLAGS, "--compile-mode", "whole-step"])
+    assert runner.step_graph is None and runner.compile_label() == "off"
