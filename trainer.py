@@ -209,8 +209,10 @@ class StepGraph:
         return outputs
 
     def record(self):
+        # The model was compiled during the warm-up: a compilation during the capture would fail. thread_local:
+        # the torchvision pipeline's pin-memory thread may touch CUDA meanwhile, which is no part of the step.
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.outputs = self.body()
 
     def body(self):

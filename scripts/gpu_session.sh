@@ -2,7 +2,8 @@
 # Everything this project measures on a lent GPU, in stages that fit the device tool's calls
 # (10 minutes per call, 15 minutes per task, machine start included):
 #
-#   CALL_SECONDS=300 bash scripts/gpu_session.sh OUT_DIR tests bench   # first call, timeout_s 330
+#   CALL_SECONDS=300 TESTS_K="whole_step or reduce_overhead" bash scripts/gpu_session.sh OUT_DIR tests bench
+#                                                                      # first call, timeout_s 330
 #   CALL_SECONDS=520 bash scripts/gpu_session.sh OUT_DIR full          # at once after it, timeout_s 550
 # (On an H100, 2026-11-26/27: bench 98-103 s with three rows of 150 steps, full 385-399 s, tests 112-139 s;
 # the machine's start took 1-2 minutes of the task's 15.)
@@ -12,7 +13,8 @@
 #             with --compile-mode whole-step (the optimizer step inside the graph too), profiled
 #   full      the 200-epoch default recipe on the JPEG copy, with the flags of bench's fastest fast row
 #             (and with the defaults if those fail)
-#   tests     the CUDA tests: tests/test_cuda.py and the CUDA cases of tests/test_augment.py
+#   tests     the CUDA tests: tests/test_cuda.py and the CUDA cases of tests/test_augment.py (TESTS_K: another
+#             pytest -k expression, e.g. "whole_step or reduce_overhead" for the CUDA-graph ones alone)
 #   torchrun  issue 4: `torchrun --nproc_per_node=1 main.py` against `python main.py`, same flags, 3 epochs each
 #   lossless  gathers the carried parts of the lossless copy (scripts/split_lossless.sh) in /tmp; once all
 #             three are there, checks and unpacks them into /tmp/lossless
@@ -119,8 +121,8 @@ for stage in "$@"; do
             | tee -a "$work/full_run.log"
         for f in metrics.csv results.png attention.png confusion.png per_class.csv; do cp "$run_dir/$f" "$work/" 2>/dev/null; done ;;
     tests)
-        timeout "$(limit "${TEST_SECONDS:-200}")" python3 -m pytest tests/test_cuda.py tests/test_augment.py -k cuda -q -rfE \
-            -p no:cacheprovider > "$work/tests.log" 2>&1
+        timeout "$(limit "${TEST_SECONDS:-300}")" python3 -m pytest tests/test_cuda.py tests/test_augment.py \
+            -k "${TESTS_K:-cuda}" -q -rfE --durations=12 -p no:cacheprovider > "$work/tests.log" 2>&1
         echo "cuda tests: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/tests.log" ;;
     torchrun)
         common=(--data-dir "$data_dir" --epochs 3 --warmup-epochs 1)

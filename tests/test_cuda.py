@@ -157,12 +157,14 @@ def test_whole_step_graph_draws_new_dropout_masks_each_replay(dropout, differ):
     assert (len(set(losses[3:])) == 3) == differ, losses
 
 
-def test_main_trains_and_resumes_with_the_whole_step_graph(tmp_path):
-    """Whole epochs (200 images at batch 32: six replays and a partial batch each), a checkpoint, a resume."""
+@pytest.mark.parametrize("pipeline", ["device", "torchvision"])
+def test_main_trains_and_resumes_with_the_whole_step_graph(tmp_path, pipeline):
+    """Whole epochs (200 images at batch 32: six steps and a partial batch each), a checkpoint, a resume; with
+    the torchvision pipeline, DataLoader threads pin memory while the step is captured."""
     data_dir, out_dir = tmp_path / "data", tmp_path / "run"
     write_fake_cifar(str(data_dir))
     common = ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--warmup-epochs", "1", "--batch-size", "32",
-              "--compile-mode", "whole-step", *TINY_MODEL]
+              "--compile-mode", "whole-step", "--data-pipeline", pipeline, *TINY_MODEL]
     first = run_main([*common, "--epochs", "2"])
     assert first.returncode == 0, first.stderr
     assert "compile: whole-step" in first.stdout
