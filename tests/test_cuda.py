@@ -139,7 +139,7 @@ def test_whole_step_graph_trains_like_reduce_overhead():
                for mode, runner in runners.items()}
     assert relative_error(weights["whole-step"], weights["reduce-overhead"]) < 1e-2  # bf16: not bit-equal
     groups = runners["whole-step"].optimizer.param_groups
-    assert [(group["lr"], group["capturable"]) for group in groups] == [(1e-3, False)]
+    assert [(type(group["lr"]), group["lr"], group["capturable"]) for group in groups] == [(float, 1e-3, False)]
 
 
 @pytest.mark.parametrize("dropout, differ", [("0.1", True), ("0", False)])

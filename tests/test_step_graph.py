@@ -30,18 +30,15 @@ def test_whole_step_body_takes_the_ordinary_steps(fake_cifar10):
     graphed.step_graph = trainer.StepGraph(graphed, 8, capture=False, warmup_steps=2)
     cifar = data.load_cifar("cifar10", fake_cifar10, download=False)
     loader = data.DeviceTrainLoader(cifar.train_images[:44], cifar.train_labels[:44], 8, 0, "cpu")  # 5 full, 1 of 4
-    step, sizes = 0, []
-    for epoch in (1, 2):
-        for images, labels in loader.epoch(epoch):
-            lr = 1e-3 * (1 + step % 3)  # a graph that kept its first learning rate would drift from the ordinary steps
-            expected_loss, expected_correct = ordinary.train_step(images, labels, lr)
-            loss, correct = graphed.train_step(images, labels, lr)
-            assert torch.allclose(loss, expected_loss, rtol=1e-5, atol=1e-6), step
-            assert correct == expected_correct
-            sizes.append(len(labels))
-            step += 1
-    assert sizes == [8, 8, 8, 8, 8, 4] * 2
-    assert graphed.step_graph.replays == 10 - 2  # every full batch after the two warm-up steps
+    batches = [*loader.epoch(1), *loader.epoch(2), next(iter(loader.epoch(3)))]  # ends on a graph step
+    assert [len(labels) for _, labels in batches] == [8, 8, 8, 8, 8, 4] * 2 + [8]
+    for step, (images, labels) in enumerate(batches):
+        lr = 1e-3 * (1 + step % 3)  # a graph that kept its first learning rate would drift from the ordinary steps
+        expected_loss, expected_correct = ordinary.train_step(images, labels, lr)
+        loss, correct = graphed.train_step(images, labels, lr)
+        assert torch.allclose(loss, expected_loss, rtol=1e-5, atol=1e-6), step
+        assert correct == expected_correct
+    assert graphed.step_graph.replays == 11 - 2  # every full batch after the two warm-up steps
     # Summed over all weights: the attention's key bias has a zero gradient up to rounding, which Adam scales up,
     # so its few entries differ by ~1e-5 between two equal computations summed in another order.
     assert relative_gap(graphed.model.parameters(), ordinary.model.parameters()) < 1e-6
@@ -49,7 +46,8 @@ def test_whole_step_body_takes_the_ordinary_steps(fake_cifar10):
     for key in ("step", "exp_avg", "exp_avg_sq"):
         assert relative_gap([s[key] for s in graphed_state["state"].values()],
                             [s[key] for s in ordinary_state["state"].values()]) < 1e-6, key
-    assert [(group["lr"], group["capturable"]) for group in graphed_state["param_groups"]] == [(lr, False)]
+    assert [(type(group["lr"]), group["lr"], group["capturable"]) for group in graphed_state["param_groups"]] == [
+        (float, lr, False)]
     assert all(parameter.grad is None for parameter in graphed.model.parameters())
 
 
