@@ -164,16 +164,17 @@ class StepGraph:
 
     reduce-overhead graphs the compiled forward and backward, but the optimizer step, the learning-rate update and
     the launches between them stay on the host, which on an H100 took about as long as the kernels. Here the first
-    `warmup_steps` steps are ordinary steps on a side stream (they compile the model and create Adam's state;
+    `warmup_steps` full-batch steps are ordinary steps on a side stream (they compile the model and create Adam's state;
     neither may happen during a capture); the next one is captured, and from then on a full batch costs two
     copies into the graph's static inputs, a fill of its learning-rate tensor and one replay. A batch of another
     size (an epoch's partial last one) takes the ordinary step. For the capture the param groups hold the
     learning rate as that device tensor and capturable=True (fused Adam computes the same either way); both are
-    put back after it, so checkpoints are alike in every mode. capture=False runs the same body without a graph:
-    how the tests check its logic on a CPU."""
+    put back after it, so checkpoints are alike in every mode. capture=False runs the same body every step, without
+    a graph (and with capturable left False): how the tests check its logic on a CPU."""
 
     def __init__(self, trainer, batch_size: int, capture: bool = True, warmup_steps: int = 3):
-        self.trainer, self.batch_size, self.capture, self.warmup_left = trainer, batch_size, capture, warmup_steps
+        self.trainer, self.batch_size, self.capture = trainer, batch_size, capture
+        self.warmup_steps = self.warmup_left = warmup_steps
         self.graph = self.images = self.labels = self.lr = self.outputs = None
         self.replays = 0  # steps taken through the graph (or, without capture, through its body)
 
@@ -211,9 +212,12 @@ class StepGraph:
     def record(self):
         # The model was compiled during the warm-up: a compilation during the capture would fail. thread_local:
         # the torchvision pipeline's pin-memory thread may touch CUDA meanwhile, which is no part of the step.
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.outputs = self.body()
+        self.graph = graph  # only a capture that succeeded is replayed
+        self.trainer.log(f"whole-step: the training step is captured as one CUDA graph (after {self.warmup_steps} "
+                         f"ordinary steps); full batches replay it")
 
     def body(self):
         groups = self.trainer.optimizer.param_groups
@@ -666,7 +670,7 @@ class Trainer:
     def restore(self, state):
         checkpoint.load_weights(self.model, state, self.resume_path)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.load_optimizer_state(state["optimizer"])
             self.history = list(state["history"])
             self.best_acc, self.best_epoch = state["best_acc"], state["best_epoch"]
             torch.set_rng_state(state["rng"]["torch"])
@@ -681,6 +685,18 @@ class Trainer:
             return int(state["epoch"]) + 1, None
         except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
             raise self.malformed_state_error(error) from None
+
+    def load_optimizer_state(self, saved):
+        """The checkpoint's optimizer state, with this run's implementation flags: load_state_dict would otherwise
+        take fused/foreach/capturable from the checkpoint (a run saved on a CPU would resume on a GPU unfused, its
+        step counts on the CPU, which a captured Adam step cannot read) and place the step counts by them."""
+        ours = self.optimizer.param_groups
+        if not isinstance(saved, dict) or len(saved.get("param_groups", ())) != len(ours):
+            raise ValueError("optimizer state with another number of parameter groups")
+        flags = ("fused", "foreach", "capturable")
+        groups = [{**group, **{flag: own[flag] for flag in flags if flag in own}}
+                  for group, own in zip(saved["param_groups"], ours)]
+        self.optimizer.load_state_dict({**saved, "param_groups": groups})
 
     # ------------------------------------------------------------------------------------ signals
 

@@ -2,11 +2,12 @@
 # Everything this project measures on a lent GPU, in stages that fit the device tool's calls
 # (10 minutes per call, 15 minutes per task, machine start included):
 #
-#   CALL_SECONDS=300 TESTS_K="whole_step or reduce_overhead" bash scripts/gpu_session.sh OUT_DIR tests bench
-#                                                                      # first call, timeout_s 330
-#   CALL_SECONDS=520 bash scripts/gpu_session.sh OUT_DIR full          # at once after it, timeout_s 550
-# (On an H100, 2026-11-26/27: bench 98-103 s with three rows of 150 steps, full 385-399 s, tests 112-139 s;
-# the machine's start took 1-2 minutes of the task's 15.)
+#   CALL_SECONDS=330 TEST_SECONDS=150 TESTS_K="whole_step or reduce_overhead" \
+#       bash scripts/gpu_session.sh OUT_DIR tests bench               # first call, timeout_s 360
+#   CALL_SECONDS=480 bash scripts/gpu_session.sh OUT_DIR full         # at once after it, timeout_s 500
+# (On an H100, 2026-11-26/27: bench 98-103 s with three rows of 150 steps, full 385-399 s, all CUDA tests
+# 112-139 s; the machine's start took 1-2 minutes of the task's 15. Not yet timed: the CUDA-graph tests
+# alone, the bench's 390 steps.)
 #
 # Stages (any order, any subset; run from the repository root with .device/ carried, see README):
 #   bench     bench.py: reference, fast (defaults: compiled forward and backward as CUDA graphs), and fast

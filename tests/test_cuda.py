@@ -134,10 +134,11 @@ def test_whole_step_graph_trains_like_reduce_overhead():
         runners[mode] = runner
     graph = runners["whole-step"].step_graph
     assert graph.graph is not None and graph.replays == 9 - 3  # full batches after the three warm-up steps
-    assert torch.allclose(losses["whole-step"], losses["reduce-overhead"], rtol=1e-2), losses
+    assert torch.allclose(losses["whole-step"], losses["reduce-overhead"], rtol=1e-3), losses  # same kernels
     weights = {mode: torch.cat([p.detach().flatten().double() for p in runner.model.parameters()])
                for mode, runner in runners.items()}
-    assert relative_error(weights["whole-step"], weights["reduce-overhead"]) < 1e-2  # bf16: not bit-equal
+    # a coarse bound: the attention's key bias gets a zero gradient up to rounding, which Adam turns into steps
+    assert relative_error(weights["whole-step"], weights["reduce-overhead"]) < 1e-2
     groups = runners["whole-step"].optimizer.param_groups
     assert [(type(group["lr"]), group["lr"], group["capturable"]) for group in groups] == [(float, 1e-3, False)]
 
@@ -168,8 +169,11 @@ def test_main_trains_and_resumes_with_the_whole_step_graph(tmp_path, pipeline):
     first = run_main([*common, "--epochs", "2"])
     assert first.returncode == 0, first.stderr
     assert "compile: whole-step" in first.stdout
+    captured = "whole-step: the training step is captured as one CUDA graph (after 3 ordinary steps)"
+    assert first.stdout.count(captured) == 1
     resumed = run_main([*common, "--epochs", "3", "--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.count(captured) == 1
     rows = (out_dir / "metrics.csv").read_text().splitlines()[1:]
     assert [row.split(",")[0] for row in rows] == ["1", "2", "3"]
     assert all(float(row.split(",")[5]) >= 0 for row in rows)  # test_acc written: no non-finite stop

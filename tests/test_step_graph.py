@@ -30,6 +30,8 @@ def test_whole_step_body_takes_the_ordinary_steps(fake_cifar10):
     graphed.step_graph = trainer.StepGraph(graphed, 8, capture=False, warmup_steps=2)
     cifar = data.load_cifar("cifar10", fake_cifar10, download=False)
     loader = data.DeviceTrainLoader(cifar.train_images[:44], cifar.train_labels[:44], 8, 0, "cpu")  # 5 full, 1 of 4
+    learning_rates = []  # as Adam sees them: the graph's tensor on graph steps, a float on ordinary ones
+    graphed.optimizer.register_step_pre_hook(lambda optimizer, *_: learning_rates.append(optimizer.param_groups[0]["lr"]))
     batches = [*loader.epoch(1), *loader.epoch(2), next(iter(loader.epoch(3)))]  # ends on a graph step
     assert [len(labels) for _, labels in batches] == [8, 8, 8, 8, 8, 4] * 2 + [8]
     for step, (images, labels) in enumerate(batches):
@@ -39,6 +41,8 @@ def test_whole_step_body_takes_the_ordinary_steps(fake_cifar10):
         assert torch.allclose(loss, expected_loss, rtol=1e-5, atol=1e-6), step
         assert correct == expected_correct
     assert graphed.step_graph.replays == 11 - 2  # every full batch after the two warm-up steps
+    assert [lr is graphed.step_graph.lr for lr in learning_rates] == [False, False, True, True, True, False,
+                                                                     True, True, True, True, True, False, True]
     # Summed over all weights: the attention's key bias has a zero gradient up to rounding, which Adam scales up,
     # so its few entries differ by ~1e-5 between two equal computations summed in another order.
     assert relative_gap(graphed.model.parameters(), ordinary.model.parameters()) < 1e-6
@@ -55,3 +59,18 @@ def test_whole_step_mode_needs_cuda_and_compile():
     """On a CPU the model is not compiled, so there is no graph: the ordinary step, and the log says compile off."""
     runner = built_trainer([*FLAGS, "--compile-mode", "whole-step"])
     assert runner.step_graph is None and runner.compile_label() == "off"
+
+
+def test_a_resumed_optimizer_keeps_this_runs_implementation_flags():
+    """An optimizer state saved where Adam was fused and capturable loads with this run's flags: load_state_dict
+    alone would take them from the checkpoint (and a CPU run resumed on a GPU would stay unfused, its step counts
+    on the CPU, where a captured Adam step cannot read them)."""
+    source, target = built_trainer(), built_trainer()
+    source.train_step(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8), 1e-3)
+    saved = source.optimizer.state_dict()
+    for group in saved["param_groups"]:
+        group.update(fused=True, capturable=True)
+    target.load_optimizer_state(saved)
+    assert [(group["fused"], group["capturable"]) for group in target.optimizer.param_groups] == [(False, False)]
+    for mine, theirs in zip(target.model.parameters(), source.model.parameters()):
+        assert torch.equal(target.optimizer.state[mine]["exp_avg"], source.optimizer.state[theirs]["exp_avg"])
