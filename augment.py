@@ -9,8 +9,8 @@ sub-policy, apply/skip draw per operation and sign for signed operations.
 Each operation follows the semantics of torchvision 0.29's ``transforms.v2`` tensor functions
 (magnitude bins, truncation of translations, rounding, clamping, nearest-neighbour sampling,
 equalize's PIL-style lookup table, autocontrast's handling of constant channels, sharpness'
-untouched border), with grey fill 128 for the pixels that geometric operations uncover. The tests check the result against torchvision,
-image by image. (The reference pipeline, ``--data-pipeline torchvision``, runs torchvision's v1
+untouched border), with grey fill 128 for the pixels that geometric operations uncover. The tests
+check the result against torchvision, image by image. (The reference pipeline, ``--data-pipeline torchvision``, runs torchvision's v1
 transforms on PIL images instead: the same policy, but not the same arithmetic in every case.)
 
 The reference's original pipeline was a PIL implementation of the same paper. It used the same 25

@@ -691,10 +691,9 @@ class Trainer:
         take fused/foreach/capturable from the checkpoint (a run saved on a CPU would resume on a GPU unfused, its
         step counts on the CPU, which a captured Adam step cannot read) and place the step counts by them."""
         ours = self.optimizer.param_groups
-        if not isinstance(saved, dict) or len(saved.get("param_groups", ())) != len(ours):
+        if len(saved["param_groups"]) != len(ours):  # zip below would drop the extra ones
             raise ValueError("optimizer state with another number of parameter groups")
-        flags = ("fused", "foreach", "capturable")
-        groups = [{**group, **{flag: own[flag] for flag in flags if flag in own}}
+        groups = [{**group, **{flag: own[flag] for flag in ("fused", "foreach", "capturable")}}
                   for group, own in zip(saved["param_groups"], ours)]
         self.optimizer.load_state_dict({**saved, "param_groups": groups})
 

@@ -1,4 +1,4 @@
-"""Shared test fixtures: tiny fake CIFAR folders and a tiny-model command line for main.py."""
+"""Shared test fixtures: tiny fake CIFAR folders, a tiny-model command line for main.py, and small helpers."""
 import os
 import pickle
 import subprocess
@@ -6,10 +6,20 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL_CIFAR10 = os.path.join(ROOT, "..", "shared", "data", "cifar-10-batches-py")
 sys.path.insert(0, ROOT)
+
+
+def relative_error(a, b) -> float:
+    """|a - b| / |b| in float64; a and b are tensors or iterables of tensors (then one flat vector each)."""
+    def flat(x):
+        return torch.cat([t.detach().double().flatten() for t in ([x] if isinstance(x, torch.Tensor) else x)])
+    a, b = flat(a), flat(b)
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
 
 def load_script(name):
     """A module from scripts/ (not a package), by file name without .py."""

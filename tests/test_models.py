@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import relative_error
 from models import ViTConfig, VisionTransformer, count_parameters, self_attention
 
 SMALL = ViTConfig(layers=2, hidden=32, mlp_hidden=48, heads=4)
@@ -22,11 +23,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def model_pair(config: ViTConfig, sdpa_model: VisionTransformer | None = None):

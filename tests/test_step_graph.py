@@ -5,7 +5,7 @@ import torch
 import data
 import main
 import trainer
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, relative_error
 
 FLAGS = ["--device", "cpu", "--precision", "fp32", "--batch-size", "8", *TINY_MODEL]
 
@@ -14,12 +14,6 @@ def built_trainer(flags=FLAGS):
     runner = trainer.Trainer(main.parse_args(flags))
     runner.build(10)
     return runner
-
-
-def relative_gap(tensors, references):
-    a = torch.cat([t.detach().flatten().double() for t in tensors])
-    b = torch.cat([t.detach().flatten().double() for t in references])
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_whole_step_body_takes_the_ordinary_steps(fake_cifar10):
@@ -45,10 +39,10 @@ def test_whole_step_body_takes_the_ordinary_steps(fake_cifar10):
                                                                      True, True, True, True, True, False, True]
     # Summed over all weights: the attention's key bias has a zero gradient up to rounding, which Adam scales up,
     # so its few entries differ by ~1e-5 between two equal computations summed in another order.
-    assert relative_gap(graphed.model.parameters(), ordinary.model.parameters()) < 1e-6
+    assert relative_error(graphed.model.parameters(), ordinary.model.parameters()) < 1e-6
     ordinary_state, graphed_state = ordinary.optimizer.state_dict(), graphed.optimizer.state_dict()
     for key in ("step", "exp_avg", "exp_avg_sq"):
-        assert relative_gap([s[key] for s in graphed_state["state"].values()],
+        assert relative_error([s[key] for s in graphed_state["state"].values()],
                             [s[key] for s in ordinary_state["state"].values()]) < 1e-6, key
     assert [(type(group["lr"]), group["lr"], group["capturable"]) for group in graphed_state["param_groups"]] == [
         (float, lr, False)]
