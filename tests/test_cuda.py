@@ -171,3 +171,44 @@ def test_main_trains_and_resumes_with_the_whole_step_graph(tmp_path, pipeline):
     rows = (out_dir / "metrics.csv").read_text().splitlines()[1:]
     assert [row.split(",")[0] for row in rows] == ["1", "2", "3"]
     assert all(float(row.split(",")[5]) >= 0 for row in rows)  # test_acc written: no non-finite stop
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "whole-step"])
+def test_training_loop_never_waits_for_the_device(mode):
+    """The training loop's steps (train_step and the on-device sums of train_epoch) never synchronise with the GPU:
+    in the third epoch, when compilation, graph recording and capture are over (partial batch included), each
+    step's loop body runs under CUDA's sync-debug mode "error", where a copy to the host, an .item() or a
+    synchronize raises. The epoch's end still reads its sums once, after the last step."""
+    import main
+    import trainer
+    with pytest.raises(RuntimeError):  # the detector works: a host read raises under the mode
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            torch.ones(1, device="cuda").item()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    runner = trainer.Trainer(main.parse_args(["--device", "cuda", *TINY_MODEL, "--compile-mode", mode,
+                                              "--batch-size", "64", "--out-dir", "/tmp/cuda-test"]))
+    runner.build(10)
+    torch.manual_seed(0)
+    batches = [(torch.randint(0, 256, (size, 3, 32, 32), dtype=torch.uint8, device="cuda"),
+                torch.randint(0, 10, (size,), device="cuda")) for size in [64] * 5 + [40]]
+    checked = []
+
+    class Loader:  # the same batches every epoch; from epoch 3 the loop body after each yield is checked
+        num_samples = sum(len(labels) for _, labels in batches)
+
+        def epoch(self, epoch):
+            for batch in batches:
+                torch.cuda.set_sync_debug_mode("error" if epoch >= 3 else 0)
+                yield batch
+                torch.cuda.set_sync_debug_mode(0)
+                checked.append(epoch >= 3)
+
+    try:
+        rows = [runner.train_epoch(epoch, Loader(), len(batches), 3 * len(batches), len(batches), None)
+                for epoch in (1, 2, 3)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert checked.count(True) == len(batches)
+    assert all(row["train_loss"] > 0 for row in rows)
