@@ -2,7 +2,7 @@
 
     python bench.py --device cpu                      # a few minutes on a 2-core CPU
     python bench.py --device cuda --steps 300         # one GPU
-    python bench.py --data-dir ../shared/data         # real CIFAR-10 images (else random ones)
+    python bench.py --data-dir ../shared/data         # real CIFAR-10 images (without --data-dir: ./data, else random)
     python bench.py --device cpu --fast-flags "--precision bf16"   # other main.py flags for the fast row
     python bench.py --device cuda --fast-flags "" --fast-flags "--compile-mode whole-step"   # two fast rows
     python bench.py --device cuda --profile-steps 20  # also where each row's step spends its time (torch.profiler)
@@ -14,7 +14,8 @@ For each: steady-state training images/s (augmentation included, after warm-up),
 peak memory, the projected time of the 200-epoch recipe, and on CUDA the achieved TFLOP/s. Then the
 augmentation pipelines alone. Prints a table and writes the numbers to --json.
 """
-import argparse
+import contextlib
+import io
 import itertools
 import json
 import os
@@ -207,10 +208,26 @@ def print_table(results, augmentation, header):
           f"{augmentation['device_batched_images_per_s']:,.0f} img/s ({augmentation['speedup']:.1f}x)")
 
 
+def check_fast_flags(parser, flags):
+    """One line naming what main.py's parser refuses in a --fast-flags string (its own error, not printed)."""
+    tokens = shlex.split(flags)
+    if any(token.split("=")[0] == "--batch-size" for token in tokens):
+        parser.error(f"--fast-flags {flags!r}: every row uses bench.py's own --batch-size; pass it to bench.py")
+    refusal = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(refusal):
+            main.parse_args(tokens)
+    except SystemExit:
+        lines = refusal.getvalue().strip().splitlines() or ["not valid main.py flags"]
+        reason = lines[-1].split("error: ", 1)[-1]
+        parser.error(f"--fast-flags {flags!r}: {reason}")
+
+
 def main_cli(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = main.OneLineErrors(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--data-dir", help="a folder holding cifar-10-batches-py/ (default: ./data if it holds one, "
+                                      "else random images)")
     p.add_argument("--batch-size", type=main.positive_int, default=128)
     p.add_argument("--steps", type=main.positive_int, default=None,
                    help="timed training steps per config (default: 8 on the CPU, 300 on CUDA)")
@@ -227,20 +244,23 @@ def main_cli(argv=None):
     json_folder = os.path.dirname(os.path.abspath(opts.json))
     if not os.path.isdir(json_folder):
         p.error(f"--json {opts.json}: the folder {json_folder} does not exist: create it or choose another path")
+    if opts.data_dir and not os.path.isdir(os.path.join(opts.data_dir, "cifar-10-batches-py")):
+        p.error(f"--data-dir {opts.data_dir} holds no cifar-10-batches-py/: fix the path, or leave --data-dir out "
+                f"to time random images")
     for flags in opts.fast_flags or []:
-        try:
-            main.parse_args(shlex.split(flags))
-        except SystemExit:  # main's parser has printed what is wrong with them
-            p.error(f"--fast-flags {flags!r}: not valid main.py flags (see the line above)")
-    from trainer import resolve_device
-    device = resolve_device(opts.device)
+        check_fast_flags(p, flags)
+    from trainer import TrainingStopped, resolve_device
+    try:
+        device = resolve_device(opts.device)
+    except TrainingStopped as error:
+        p.error(str(error))
     opts.device = device.type
     on_cuda = device.type == "cuda"
     opts.steps = opts.steps or (300 if on_cuda else 8)
     opts.warmup = opts.warmup or (30 if on_cuda else 2)
     opts.eval_images = opts.eval_images or (10_000 if on_cuda else 1_000)
     opts.augment_images = opts.augment_images or (50_000 if on_cuda else 5_000)
-    cifar, source = load_data(opts.data_dir)
+    cifar, source = load_data(opts.data_dir or "./data")
     machine = torch.cuda.get_device_name(device) if on_cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     header = (f"bench: {machine} | torch {torch.__version__} | {source} | batch {opts.batch_size} | "
               f"{opts.steps} timed steps after {opts.warmup} | {opts.workers} DataLoader workers")

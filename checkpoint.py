@@ -82,8 +82,13 @@ def _fsync_folder(folder: str) -> None:
 
 
 def load(path: str, map_location="cpu") -> dict:
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder: name a checkpoint file in it, e.g. "
+                              f"{os.path.join(path, 'best.pt')}")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist: check the path")
+    another = (f"use another file, e.g. {os.path.join(os.path.dirname(path), 'best.pt')}"
+               if os.path.basename(path) != "best.pt" else "use another checkpoint of the run")
     try:
         with warnings.catch_warnings():  # torch's notes on odd pickles; the error below says what is wrong
             warnings.simplefilter("ignore")
@@ -94,12 +99,12 @@ def load(path: str, map_location="cpu") -> dict:
             raise CheckpointError(f"checkpoint {path} was refused by safe (weights_only) loading: it would import "
                                   f"code, not only tensors and plain values ({reason}); nothing in it was run") from None
         raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint ({reason}): "
-                              f"use another file, e.g. checkpoints/best.pt") from None
+                              f"{another}") from None
     except OSError as error:
         raise CheckpointError(f"checkpoint {path} cannot be read ({error.strerror or error})") from None
     except Exception as error:  # noqa: BLE001 - a torn or foreign file can fail anywhere inside the unpickler
         raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint "
-                              f"({type(error).__name__}): use another file, e.g. checkpoints/best.pt") from None
+                              f"({type(error).__name__}): {another}") from None
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) \
             or not isinstance(state.get("model_config"), dict):
         raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this project "

@@ -106,12 +106,19 @@ def _unpickle(folder: str, file: str) -> dict:
     try:
         with open(path, "rb") as f:
             return _ArrayUnpickler(f, encoding="bytes").load()
+    except _RefusedPickle as error:
+        raise DataError(f"{path} is not a CIFAR batch ({error}); nothing in it was run: "
+                        f"replace it with the file from the official archive") from None
     except pickle.UnpicklingError as error:
-        raise DataError(f"{path} is not a CIFAR batch ({error}); it was not run: "
+        raise DataError(f"{path} is not a CIFAR batch ({error}): "
                         f"replace it with the file from the official archive") from None
     except Exception as error:
         raise DataError(f"{path} is not a readable CIFAR batch ({type(error).__name__}): "
                         f"replace it with the file from the official archive") from None
+
+
+class _RefusedPickle(pickle.UnpicklingError):
+    """A pickle that names code to import."""
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -124,7 +131,7 @@ class _ArrayUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"it would import {module}.{name}, which a CIFAR batch never needs")
+            raise _RefusedPickle(f"it would import {module}.{name}, which a CIFAR batch never needs")
         return super().find_class(module, name)
 
 

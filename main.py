@@ -11,10 +11,15 @@ Every hyperparameter is a flag; `python main.py --help` lists them with their de
 import argparse
 import math
 import os
+import signal
 import sys
 
-import data
-import models
+try:
+    import data
+    import models
+except KeyboardInterrupt:  # Ctrl-C while PyTorch loads: one line, like every other stop
+    print("error: interrupted while starting; nothing was written", file=sys.stderr)
+    sys.exit(130)
 
 
 def _number(kind, *, minimum=None, above=None, below=None):
@@ -150,10 +155,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--checkpoint is read only with --eval-only; to continue training use --resume PATH")
     if args.eval_only and args.resume:
         parser.error("--eval-only and --resume do not go together: evaluate with --checkpoint PATH")
-    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
-        parser.error(f"--resume {args.resume}: no such file (use --resume auto to start fresh when there is none)")
-    if args.eval_only and not os.path.isfile(args.checkpoint):
-        parser.error(f"--checkpoint {args.checkpoint}: no such file")
+    for flag, path in (("--resume", args.resume if args.resume != "auto" else None), ("--checkpoint", args.checkpoint)):
+        if path and os.path.isdir(path):
+            parser.error(f"{flag} {path} is a folder: name a checkpoint file in it, e.g. {os.path.join(path, 'best.pt')}")
+        if path and not os.path.isfile(path):
+            hint = " (use --resume auto to start fresh when there is none)" if flag == "--resume" else ""
+            parser.error(f"{flag} {path}: no such file{hint}")
+    if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        parser.error(f"--data-dir {args.data_dir} is a file, not a folder: name the folder that holds (or will hold) "
+                     f"cifar-10-batches-py/")
     if args.compare_curve:
         import plots  # matplotlib: only when asked for
         try:
@@ -164,7 +174,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed SSH session must not end a run, from its start
+    try:
+        return run(parse_args(argv))
+    except KeyboardInterrupt:  # Ctrl-C outside the epochs (start-up, reading the data, the final report)
+        print("error: interrupted outside the training loop; the files already written are kept",
+              file=sys.stderr, flush=True)
+        return 130
+
+
+def run(args) -> int:
     import checkpoint
     import trainer
     try:
@@ -177,10 +197,6 @@ def main(argv=None) -> int:
         stopped_by_signal = getattr(error, "exit_code", 0) >= 128  # the user's stop, not an error
         print(str(error) if stopped_by_signal else f"error: {error}", file=sys.stderr, flush=True)
         return getattr(error, "exit_code", 2)
-    except KeyboardInterrupt:  # Ctrl-C outside the epochs (reading the data, the final report): no traceback
-        print("error: interrupted outside the training loop; the files already written are kept",
-              file=sys.stderr, flush=True)
-        return 130
     except OSError as error:  # a file or folder that cannot be read or written, e.g. a full disk
         where = f"{error.filename}: " if error.filename else ""
         print(f"error: {where}{error.strerror or error}", file=sys.stderr, flush=True)

@@ -3,7 +3,6 @@
 Redraw it from a run's metrics.csv, optionally against another curve (the reference's, or another run's):
     python plots.py runs/a/metrics.csv runs/a/vs-reference.png --compare-curve reference/seed-test-curve.csv
 """
-import argparse
 import csv
 import os
 import sys
@@ -14,6 +13,7 @@ matplotlib.use("Agg")  # no display under nohup
 import matplotlib.pyplot as plt  # noqa: E402
 
 from checkpoint import atomic_file  # noqa: E402
+from main import OneLineErrors  # noqa: E402
 
 
 def read_numeric_csv(path: str, columns: tuple, what: str) -> list:
@@ -48,13 +48,14 @@ def plot_results(history: list, path: str, compare: tuple | None = None) -> None
     """Loss (train, test), accuracy (train, test, best epoch marked) and the learning rate, per epoch;
     `compare`: a test-accuracy curve from `read_curve`, dashed, on the accuracy panel."""
     epochs = [row["epoch"] for row in history]
+    marker = "o" if len(history) == 1 else None  # a line through one point draws nothing
     figure, (loss_axis, acc_axis, lr_axis) = plt.subplots(
         1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1, 1, 0.6]})
-    loss_axis.plot(epochs, [r["train_loss"] for r in history], label="train")
-    loss_axis.plot(epochs, [r["test_loss"] for r in history], label="test")
+    loss_axis.plot(epochs, [r["train_loss"] for r in history], marker=marker, label="train")
+    loss_axis.plot(epochs, [r["test_loss"] for r in history], marker=marker, label="test")
     loss_axis.set(title="loss", xlabel="epoch")
-    acc_axis.plot(epochs, [r["train_acc"] for r in history], label="train")
-    acc_axis.plot(epochs, [r["test_acc"] for r in history], label="test")
+    acc_axis.plot(epochs, [r["train_acc"] for r in history], marker=marker, label="train")
+    acc_axis.plot(epochs, [r["test_acc"] for r in history], marker=marker, label="test")
     if compare:
         label, points = compare
         acc_axis.plot([e for e, _ in points], [a for _, a in points], "--", color="gray", label=f"test, {label}")
@@ -63,7 +64,7 @@ def plot_results(history: list, path: str, compare: tuple | None = None) -> None
         acc_axis.scatter([best["epoch"]], [best["test_acc"]], color="red", zorder=3,
                          label=f"best {best['test_acc']:.2f}% (epoch {best['epoch']})")
     acc_axis.set(title="accuracy (%)", xlabel="epoch")
-    lr_axis.plot(epochs, [r["lr"] for r in history], color="gray")
+    lr_axis.plot(epochs, [r["lr"] for r in history], marker=marker, color="gray")
     lr_axis.set(title="learning rate (end of epoch)", xlabel="epoch")
     lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     for axis in (loss_axis, acc_axis):
@@ -79,7 +80,7 @@ def plot_results(history: list, path: str, compare: tuple | None = None) -> None
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Redraw results.png from a run's metrics.csv.")
+    p = OneLineErrors(description="Redraw results.png from a run's metrics.csv.")
     p.add_argument("metrics", help="a run's metrics.csv")
     p.add_argument("out", help="the PNG to write")
     p.add_argument("--compare-curve", metavar="CSV", help="a test-accuracy curve to draw dashed (epoch, test_acc)")

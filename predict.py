@@ -9,13 +9,13 @@ converted to RGB and transparent ones are laid over white. The whole picture is 
 model's input size (32x32; the aspect ratio is not kept) with Pillow's bilinear filter, which
 antialiases when it shrinks, and normalised as in training (`data.normalize`). For each image the
 five most likely classes (all of them if the model has fewer) are printed with their probabilities.
---attention also writes <out-dir>/<image-stem>_attention.png: the image as the model saw it, its
+--attention also writes <out-dir>/<image-stem>_attention.png (<image-stem>-2_attention.png and so on for
+a name that repeats, e.g. cat.jpg and cat.png): the image as the model saw it, its
 attention rollout from the class token, and the last layer's per-head maps (see visualize.py).
 
 An image that cannot be read gets a one-line error on stderr and the others are still classified;
 the exit status is then 1. A missing or unreadable checkpoint: a one-line error, exit status 2.
 """
-import argparse
 import os
 import sys
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from checkpoint import CheckpointError, load_model, probe_writable
 from data import normalize
+from main import OneLineErrors
 from visualize import save_attention_figure
 
 TOP_K = 5
@@ -81,14 +82,29 @@ def predict_images(model, classes: list, paths: list) -> list:
     return results
 
 
+def attention_figure_paths(image_paths, out_dir) -> list:
+    """<out-dir>/<stem>_attention.png for each image; a stem already taken gets -2, -3, ... so that no figure
+    replaces another."""
+    taken, paths = set(), []
+    for path in image_paths:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name, copy = stem, 1
+        while name in taken:
+            copy += 1
+            name = f"{stem}-{copy}"
+        taken.add(name)
+        paths.append(os.path.join(out_dir, f"{name}_attention.png"))
+    return paths
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Classify pictures with a trained ViT checkpoint.")
+    parser = OneLineErrors(description="Classify pictures with a trained ViT checkpoint.")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or any picture Pillow reads")
     parser.add_argument("--checkpoint", required=True, help="a checkpoint written by training, e.g. checkpoints/best.pt")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when available, else cpu")
     parser.add_argument("--attention", action="store_true",
-                        help="also write <out-dir>/<image-stem>_attention.png for each image")
+                        help="also write <out-dir>/<image-stem>_attention.png for each image (-2, -3, ... for a repeated stem)")
     parser.add_argument("--out-dir", default=".", help="folder for the --attention figures (default: .)")
     args = parser.parse_args(argv)
     if args.device == "auto":
@@ -122,7 +138,7 @@ def main(argv=None) -> int:
         return 2
 
     results = predict_images(model, classes, args.images)
-    for result in results:
+    for result, figure_path in zip(results, attention_figure_paths(args.images, args.out_dir)):
         if result.error is not None:
             print(f"error: {result.path}: {result.error}", file=sys.stderr)
             continue
@@ -131,8 +147,6 @@ def main(argv=None) -> int:
         for rank, (name, probability) in enumerate(result.top, start=1):
             print(f"  {rank}. {name:<{width}}  {100 * probability:6.2f}%")
         if args.attention:
-            stem = os.path.splitext(os.path.basename(result.path))[0]
-            figure_path = os.path.join(args.out_dir, f"{stem}_attention.png")
             save_attention_figure(model, result.image[None], None, classes, figure_path)
             print(f"  attention: {figure_path}")
     return 1 if any(result.error is not None for result in results) else 0

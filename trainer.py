@@ -66,14 +66,10 @@ def model_config_from_args(args, num_classes: int, attention: str) -> ViTConfig:
 
 # ---------------------------------------------------------------------------------------------- setup
 
-def resolve_device(requested: str, local_rank: int = 0, quiet: bool = False) -> torch.device:
-    """The training device; `quiet` silences the CPU warning (ranks other than 0)."""
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise TrainingStopped("--device cuda was asked for but CUDA is not available on this machine: "
                               "use --device cpu or --device auto", 2)
-    if requested == "auto" and not torch.cuda.is_available() and not quiet:
-        print("warning: CUDA is not available, training on the CPU (slow; use a GPU for the full recipe)",
-              file=sys.stderr, flush=True)
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank)
@@ -242,7 +238,9 @@ class Trainer:
             raise TrainingStopped(f"--compile-mode {args.compile_mode} works in one process only: drop it under "
                                   f"torchrun", 2)
         self.compile_mode = resolve_compile_mode(args.compile_mode, env_world)
-        self.device = resolve_device(args.device, local_rank, quiet=env_rank != 0)
+        self.device = resolve_device(args.device, local_rank)
+        # said once the checks have passed, just before training, so that an error stays the only line
+        self.warn_cpu = args.device == "auto" and self.device.type == "cpu" and env_rank == 0
         self.rank, self.world = init_distributed(self.device)
         self.is_main = self.rank == 0
         self.use_cuda = self.device.type == "cuda"
@@ -381,8 +379,6 @@ class Trainer:
             self.prepare_checkpoint_dir()
         cifar = data.load_cifar(args.dataset, args.data_dir)
         self.classes = cifar.classes
-        if resume_state:
-            self.check_resume_config(resume_state, cifar.num_classes)
         self.build(cifar.num_classes, checkpoint.model_config_of(resume_state, self.resume_path) if resume_state else None)
         loader = self.make_train_loader(cifar)
         steps_per_epoch = loader.steps()
@@ -391,6 +387,9 @@ class Trainer:
         self.history, self.best_acc, self.best_epoch, start_epoch, position = [], 0.0, 0, 1, None
         if resume_state:
             start_epoch, position = self.restore(resume_state)
+        if self.warn_cpu:
+            print("warning: CUDA is not available, training on the CPU (slow; use a GPU for the full recipe)",
+                  file=sys.stderr, flush=True)
         self.log(f"model: {count_parameters(self.model):,} parameters | data: {args.dataset}, "
                  f"{len(cifar.train_images):,} train / {len(cifar.test_images):,} test | device: {self.device}"
                  f"{f' x{self.world} processes' if self.world > 1 else ''} | pipeline: {args.data_pipeline} | "
@@ -571,12 +570,13 @@ class Trainer:
     def plot(self):
         plots.plot_results(self.history, os.path.join(self.out_dir, "results.png"), self.compare_curve)
 
-    def write_report(self, cifar, predictions=None):
-        """attention.png, confusion.png, per_class.csv and the per-class table in the log (rank 0)."""
+    def write_report(self, cifar, predictions=None, suffix=""):
+        """attention.png, confusion.png, per_class.csv (named with `suffix`, see visualize) and the per-class
+        table in the log (rank 0)."""
         if predictions is None or len(predictions) != len(cifar.test_labels):
             _, _, predictions = self.evaluate(cifar.test_images, cifar.test_labels, sharded=False)
         for line in visualize.write_evaluation_report(self.model, cifar.test_images, cifar.test_labels, predictions,
-                                                       cifar.classes, self.out_dir):
+                                                       cifar.classes, self.out_dir, suffix):
             self.log(line)
 
     # ------------------------------------------------------------------------------------ checkpoints
@@ -600,20 +600,25 @@ class Trainer:
                                   f"another --out-dir; the previous {name} is intact") from None
 
     def prepare_checkpoint_dir(self):
-        """An unwritable --out-dir shows before any long work; partial files of a save that was killed
-        (SIGKILL) are cleared."""
+        """An unwritable --out-dir shows before any long work; partial files of writes that were killed
+        (SIGKILL, power loss) are cleared: checkpoints, metrics.csv and results.png."""
         require_writable(self.checkpoint_dir)
-        for name in os.listdir(self.checkpoint_dir):
-            path = os.path.join(self.checkpoint_dir, name)
-            if name.startswith(".tmp-") and os.path.isfile(path):
+        leftovers = [os.path.join(self.checkpoint_dir, name) for name in os.listdir(self.checkpoint_dir)
+                     if name.startswith(".tmp-")]
+        leftovers += [os.path.join(self.out_dir, name) for name in os.listdir(self.out_dir)
+                      if name.startswith((".tmp-metrics.csv-", ".tmp-results.png-"))]
+        for path in leftovers:
+            if os.path.isfile(path):
                 os.remove(path)
 
     def resume_state(self):
         path, last = self.args.resume, os.path.join(self.checkpoint_dir, "last.pt")
         if not path:
-            if os.path.isfile(last):  # a new run would overwrite an earlier run's checkpoints and metrics
-                raise TrainingStopped(f"{last} holds an earlier run: continue it with --resume auto, or start "
-                                      f"a new run in another --out-dir (or move that folder away)", 2)
+            metrics = os.path.join(self.out_dir, "metrics.csv")
+            for earlier in (last, metrics):  # a new run would overwrite an earlier run's checkpoints and metrics
+                if os.path.isfile(earlier):
+                    raise TrainingStopped(f"{earlier} holds an earlier run: continue it with --resume auto, or "
+                                          f"start a new run in another --out-dir (or move that file away)", 2)
             return None
         if path == "auto":
             path = last
@@ -627,13 +632,19 @@ class Trainer:
                 raise checkpoint.CheckpointError(f"{path} holds a model but no training state ({key!r} missing): "
                                                  f"it can be evaluated (--eval-only) but not resumed")
         if os.path.isfile(last) and not os.path.samefile(path, last):
+            try:
+                checkpoint.load(last)
+                or_continue = ", or continue that run with --resume auto"
+            except checkpoint.CheckpointError:  # the run cannot be continued: a new folder is the only way on
+                or_continue = " (its last.pt cannot be read, so that run cannot be continued)"
             raise checkpoint.CheckpointError(f"--resume {path} would overwrite the run in {self.out_dir} (its {last}): "
-                                             f"resume into another --out-dir, or continue that run with --resume auto")
+                                             f"resume into another --out-dir{or_continue}")
         try:
             position = state["scheduler"]["position"]
             stopped = f", stopped at step {int(position['step'])} of the next" if position is not None else ""
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise self.malformed_state_error(error) from None
+        self.check_resume_config(state, data.NUM_CLASSES[self.args.dataset])
         self.log(f"resuming from {path} (epoch {state['epoch']} done{stopped})")
         self.check_recipe_flags(state, stopped_mid_epoch=position is not None)
         return state
@@ -749,7 +760,7 @@ class Trainer:
         test_loss, test_acc, predictions = self.evaluate(cifar.test_images, cifar.test_labels)
         self.log(f"eval {args.checkpoint} (epoch {state.get('epoch', '?')}): test loss {test_loss:.4f} "
                  f"acc {test_acc:.2f}% on {len(cifar.test_images):,} {args.dataset} test images")
-        if self.is_main:
-            self.write_report(cifar, predictions)
+        if self.is_main:  # named after the checkpoint, so a run's own final report is never replaced
+            self.write_report(cifar, predictions, "-" + os.path.splitext(os.path.basename(args.checkpoint))[0])
         self.barrier()
         return {"test_loss": test_loss, "test_acc": test_acc}

@@ -193,8 +193,9 @@ def per_class_table(matrix: torch.Tensor, classes: list) -> list:
 # ----------------------------------------------------------------------------- report
 
 def write_evaluation_report(model, images_uint8: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
-                            classes: list, out_dir: str) -> list:
-    """attention.png, confusion.png and per_class.csv into out_dir; returns the per-class table lines.
+                            classes: list, out_dir: str, suffix: str = "") -> list:
+    """attention.png, confusion.png and per_class.csv into out_dir (attention-best.png and so on with suffix
+    "-best"); returns the per-class table lines.
 
     `predictions` are the model's classes for all of `images_uint8` (computed by the caller); the
     model only runs on the one-image-per-class batch of the attention figure. Pass the bare model,
@@ -204,7 +205,7 @@ def write_evaluation_report(model, images_uint8: torch.Tensor, labels: torch.Ten
     matrix = confusion_matrix(predictions, labels, len(classes))
     picks = pick_one_per_class(labels, len(classes))[:ATTENTION_ROWS]
     save_attention_figure(model, images_uint8[picks.to(images_uint8.device)], labels[picks], classes,
-                          os.path.join(out_dir, "attention.png"))
-    save_confusion_figure(matrix, classes, os.path.join(out_dir, "confusion.png"))
-    write_per_class_csv(matrix, classes, os.path.join(out_dir, "per_class.csv"))
+                          os.path.join(out_dir, f"attention{suffix}.png"))
+    save_confusion_figure(matrix, classes, os.path.join(out_dir, f"confusion{suffix}.png"))
+    write_per_class_csv(matrix, classes, os.path.join(out_dir, f"per_class{suffix}.csv"))
     return per_class_table(matrix, classes)

@@ -97,13 +97,19 @@ def test_cuda_scripts_without_cuda_are_one_line_errors(script, message):
 @pytest.mark.parametrize("args, fragment", [
     (["--json", "/nonexistent-folder/bench.json"], "--json /nonexistent-folder/bench.json: the folder "
                                                    "/nonexistent-folder does not exist"),
-    (["--fast-flags", "--heads 5"], "--fast-flags '--heads 5': not valid main.py flags"),
+    (["--fast-flags", "--heads 5"], "--fast-flags '--heads 5': --hidden 384 is not divisible by --heads 5"),
+    (["--fast-flags", "--lr 1e-3 --batch-size=64"],
+     "--fast-flags '--lr 1e-3 --batch-size=64': every row uses bench.py's own --batch-size"),
+    (["--data-dir", "/nonexistent-data"], "--data-dir /nonexistent-data holds no cifar-10-batches-py/"),
+    (["--device", "cuda"], "--device cuda was asked for but CUDA is not available on this machine"),
 ])
 def test_bad_bench_input_stops_before_any_work(args, fragment, capsys, monkeypatch):
     def no_work(*a, **k):
         raise AssertionError("the benchmark started although its input should have been refused")
     monkeypatch.setattr(bench, "load_data", no_work)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exit_:
         bench.main_cli(["--device", "cpu", *args])
     assert exit_.value.code == 2
-    assert fragment in capsys.readouterr().err.splitlines()[-1]
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and ": error: " in lines[0] and fragment in lines[0], lines

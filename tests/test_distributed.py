@@ -349,7 +349,7 @@ def _eval_line(stdout):
 
 def test_two_rank_checkpoint_evaluates_the_same_in_one_process(runs, tmp_path):
     ok(runs.ddp)
-    path = os.path.join(runs.ddp_dir, "checkpoints", "last.pt")
+    path, stem = os.path.join(runs.ddp_dir, "checkpoints", "last.pt"), "last"  # eval-only names its report files
     state = torch.load(path, weights_only=True)
     assert not any(key.startswith("module.") for key in state["model"])
     reported = metrics(runs.ddp_dir)[-1]  # epoch 2, evaluated sharded over the 2 ranks
@@ -364,8 +364,8 @@ def test_two_rank_checkpoint_evaluates_the_same_in_one_process(runs, tmp_path):
     two = ok(finish(two))
     assert _eval_line(two.stdout) == (loss, acc)
     assert files_under(str(tmp_path / "two")) == files_under(str(tmp_path / "one")) == \
-        ["attention.png", "confusion.png", "per_class.csv"]
-    with open(tmp_path / "two" / "per_class.csv") as a, open(tmp_path / "one" / "per_class.csv") as b:
+        [f"attention-{stem}.png", f"confusion-{stem}.png", f"per_class-{stem}.csv"]
+    with open(tmp_path / "two" / f"per_class-{stem}.csv") as a, open(tmp_path / "one" / f"per_class-{stem}.csv") as b:
         assert a.read() == b.read()
 
 

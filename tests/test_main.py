@@ -170,6 +170,21 @@ def test_eval_only_reports_the_best_epoch(two_epochs, data_dir, tmp_path):
     assert not os.path.exists(os.path.join(out_dir, "metrics.csv"))  # evaluation trains nothing
 
 
+def test_eval_only_in_the_runs_folder_keeps_its_final_report(two_epochs, data_dir, tmp_path):
+    """--eval-only names its report after the checkpoint: the run's own attention.png, confusion.png and
+    per_class.csv (the final model's) stay as they were."""
+    run_dir = shutil.copytree(two_epochs[0], tmp_path / "run")
+    kept = ("attention.png", "confusion.png", "per_class.csv", "metrics.csv", "results.png")
+    before = {name: (run_dir / name).read_bytes() for name in kept}
+    result = run(["--eval-only", "--checkpoint", str(run_dir / "checkpoints" / "best.pt"), "--data-dir", data_dir,
+                  "--out-dir", str(run_dir), "--device", "cpu"])
+    assert result.returncode == 0, result.stderr
+    assert {name: (run_dir / name).read_bytes() for name in kept} == before
+    with open(run_dir / "per_class-best.csv") as f:
+        assert f.readline().startswith("class,")
+    assert (run_dir / "attention-best.png").is_file() and (run_dir / "confusion-best.png").is_file()
+
+
 def test_incomplete_data_folder_is_a_one_line_error(tmp_path):
     folder = write_fake_cifar(str(tmp_path / "data"), train_per_batch=2, test=2)
     os.remove(os.path.join(folder, "batches.meta"))

@@ -33,6 +33,18 @@ def test_the_comparison_curve_is_drawn(tmp_path):
     assert changed[:, :width // 3].sum() == 0  # the loss panel did not change
 
 
+def test_a_single_epoch_is_drawn_as_points(tmp_path, monkeypatch):
+    """A line through one point draws nothing: after the first epoch every curve of the run gets markers."""
+    close, figures = plots.plt.close, []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    plots.plot_results(HISTORY[:1], str(tmp_path / "one.png"))
+    plots.plot_results(HISTORY, str(tmp_path / "five.png"))
+    markers = [[line.get_marker() for axis in figure.axes for line in axis.lines] for figure in figures]
+    for figure in figures:
+        close(figure)
+    assert markers == [["o"] * 5, ["None"] * 5]  # train and test loss, train and test accuracy, learning rate
+
+
 @pytest.mark.parametrize("text, problem", [("", "holds no rows"), ("epoch,test_acc\n", "holds no rows"),
                                            ("epoch,acc\n1,50\n", "not a test-accuracy curve"),
                                            ("epoch,test_acc\n1,high\n", "numeric columns epoch, test_acc")])

@@ -175,6 +175,14 @@ def test_attention_into_a_folder_that_cannot_be_written_is_refused_before_any_wo
         predict.main([good, "--checkpoint", checkpoint_path, "--device", "cpu", "--attention",
                       "--out-dir", str(blocker / "figures")])
     assert exit_.value.code == 2
-    last = capsys.readouterr().err.splitlines()[-1]
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines  # the error alone, without argparse's usage block
+    last = lines[0]
     assert f"--out-dir {blocker / 'figures'}: cannot write there (" in last
     assert last.endswith("choose another folder for the --attention figures")
+
+
+def test_attention_figures_of_images_with_the_same_name_do_not_replace_each_other(tmp_path):
+    paths = predict.attention_figure_paths(["a/cat.jpg", "b/cat.png", "cat-2.png", "dog.png", "a/cat.jpg"], "figs")
+    assert paths == [os.path.join("figs", f"{name}_attention.png") for name in
+                     ("cat", "cat-2", "cat-2-2", "dog", "cat-3")]

@@ -233,13 +233,17 @@ def test_sigkill_while_saving_leaves_a_loadable_checkpoint_and_resume_works(run_
     # A torn temp file (what a kill inside a write leaves) must not disturb --resume auto.
     with open(os.path.join(ckpt_dir, ".tmp-last.pt-killed"), "wb") as f:
         f.write(b"PK\x03\x04 half a checkpoint")
+    for name in (".tmp-metrics.csv-killed", ".tmp-results.png-killed", ".tmp-someone-elses"):
+        with open(os.path.join(run_dir, name), "w") as f:
+            f.write("half a file")
 
     status, out, err = cli(train_args(fake_data, run_dir, "--resume", "auto", epochs=3))
     assert status == 0, err
     assert f"resuming from {last}" in out
     assert [row["epoch"] for row in metric_rows(run_dir)] == ["1", "2", "3"]
     assert checkpoint.load(last)["epoch"] == 3
-    assert temp_files(run_dir) == []  # leftovers of the killed save were cleared at start
+    # leftovers of the killed writes were cleared at start; a file that is not this project's stays
+    assert temp_files(run_dir) == [os.path.join(run_dir, ".tmp-someone-elses")]
 
 
 # ---------------------------------------------------------------------------------------------- signals
@@ -432,7 +436,7 @@ def test_second_signal_exits_at_once_without_saving(tmp_path, signal_data, fake_
     (["--dataset", "cifar100"], ["num_classes: checkpoint 10, flags 100"]),
 ])
 def test_resume_with_another_model_lists_the_differences_and_keeps_the_run(run_dir, fake_data, tmp_path, cli,
-                                                                           no_training, change, fragments):
+                                                                           no_training, no_data, change, fragments):
     data_dir = fake_data
     if "cifar100" in change:
         data_dir = str(tmp_path / "c100")
@@ -442,6 +446,7 @@ def test_resume_with_another_model_lists_the_differences_and_keeps_the_run(run_d
     assert status == 2
     one_line_error(err, f"error: {run_dir}/checkpoints/last.pt: the checkpoint's model differs from the flags (",
                    *fragments)
+    assert "note: resuming with changed flags" not in out  # (--epochs changed): the refusal comes first
     assert snapshot(run_dir) == before
 
 
@@ -694,17 +699,61 @@ def test_resume_auto_with_a_corrupt_last_pt_is_refused(run_dir, fake_data, cli, 
     before = snapshot(run_dir)
     status, out, err = cli(train_args(fake_data, run_dir, "--resume", "auto", epochs=2))
     assert status == 2
-    one_line_error(err, f"checkpoint {last} {BAD_FILE}", "use another file, e.g. checkpoints/best.pt")
+    best = os.path.join(run_dir, "checkpoints", "best.pt")
+    one_line_error(err, f"checkpoint {last} {BAD_FILE}", f"use another file, e.g. {best}")
+    status, out, err = cli(train_args(fake_data, run_dir, "--resume", best, epochs=2))  # the hint, same folder
+    assert status == 2
+    line = one_line_error(err, f"--resume {best} would overwrite the run in {run_dir}", "resume into another "
+                          "--out-dir (its last.pt cannot be read, so that run cannot be continued)")
+    assert "--resume auto" not in line  # which just failed
     assert snapshot(run_dir) == before
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--checkpoint"])
-def test_missing_checkpoint_file_is_a_usage_error(tmp_path, fake_data, cli, flag):
+@pytest.mark.parametrize("given, fragment", [("nope.pt", "nope.pt: no such file"),
+                                             ("checkpoints", "checkpoints is a folder: name a checkpoint file in it, "
+                                                             "e.g. {tmp}/checkpoints/best.pt")])
+def test_missing_checkpoint_file_is_a_usage_error(tmp_path, fake_data, cli, flag, given, fragment):
+    (tmp_path / "checkpoints").mkdir()
     extra = ["--eval-only"] if flag == "--checkpoint" else []
-    status, out, err = cli(train_args(fake_data, tmp_path / "run", *extra, flag, str(tmp_path / "nope.pt")))
+    status, out, err = cli(train_args(fake_data, tmp_path / "run", *extra, flag, str(tmp_path / given)))
     assert status == 2
-    usage_error(err, "no such file")
+    usage_error(err, f"{flag} {tmp_path}/{fragment.format(tmp=tmp_path)}")
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_folder_given_as_a_checkpoint_is_named_as_one(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="is a folder: name a checkpoint file in it"):
+        checkpoint.load(str(tmp_path))
+
+
+def test_data_dir_that_is_a_file_is_a_usage_error(tmp_path, cli, no_data):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not data")
+    status, out, err = cli(train_args(notes, tmp_path / "run"))
+    assert status == 2
+    usage_error(err, f"--data-dir {notes} is a file, not a folder")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_new_run_over_an_earlier_runs_metrics_is_one_line_even_on_a_cpu_with_device_auto(run_dir, fake_data, cli,
+                                                                                           no_data):
+    """The earlier run's metrics.csv (its checkpoints moved away) is kept; with --device auto and no GPU the
+    CPU warning waits until training starts, so the error is the only line."""
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"))
+    before = snapshot(run_dir)
+    status, out, err = cli(train_args(fake_data, run_dir, "--device", "auto"))
+    assert status == 2
+    one_line_error(err, f"{run_dir}/metrics.csv holds an earlier run: continue it with --resume auto")
+    assert snapshot(run_dir) == before
+
+
+def test_cpu_warning_comes_once_training_starts(tmp_path, fake_data, cli, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    status, out, err = cli(train_args(fake_data, tmp_path / "run", "--device", "auto"))
+    assert status == 0, err
+    assert err.splitlines() == ["warning: CUDA is not available, training on the CPU (slow; use a GPU for the full "
+                                "recipe)"]
 
 
 # ---------------------------------------------------------------------------------------------- hostile data
@@ -738,6 +787,10 @@ def make_data(kind, folder, marker):
         _rewrite_batch(folder, "data_batch_1", lambda b: [1, 2, 3])
     elif kind == "garbage file":
         _write(os.path.join(batches, "data_batch_1"), b"\x00garbage, not a pickle")
+    elif kind == "truncated file":
+        with open(os.path.join(batches, "data_batch_2"), "rb") as f:
+            content = f.read()
+        _write(os.path.join(batches, "data_batch_2"), content[:len(content) // 2])
     elif kind == "no class names":
         _rewrite_batch(folder, "batches.meta", lambda b: {b"num_cases_per_batch": 10000})
     elif kind == "code execution":
@@ -756,9 +809,11 @@ DATA_CASES = {
     "fewer labels than images": "data_batch_5 holds data of shape (40, 3072) and dtype uint8 with 39 labels",
     "not a dict": "data_batch_1 has no b'data' or b'labels' entry",
     "garbage file": "data_batch_1 is not",
+    "truncated file": "data_batch_2 is not a CIFAR batch (pickle data was truncated): replace it with the file from",
     "no class names": "batches.meta has no list of class names",
     "code execution": "data_batch_1 is not a CIFAR batch (it would import posix.mkdir",
 }
+DATA_CASES_RUN = {"code execution"}  # the only case whose message says that nothing in the file was run
 
 
 @pytest.mark.parametrize("kind", list(DATA_CASES))
@@ -767,7 +822,8 @@ def test_hostile_data_folder_is_refused(kind, tmp_path, cli, no_training):
     make_data(kind, folder, marker)
     status, out, err = cli(train_args(folder, tmp_path / "run"))
     assert status == 2
-    one_line_error(err, "error: ", DATA_CASES[kind])
+    line = one_line_error(err, "error: ", DATA_CASES[kind])
+    assert ("nothing in it was run" in line) == (kind in DATA_CASES_RUN), line
     assert not os.path.exists(tmp_path / "run" / "metrics.csv")
     if kind == "code execution":
         assert not os.path.exists(marker)
@@ -858,6 +914,22 @@ def test_device_cuda_without_cuda_is_refused(tmp_path, fake_data, cli, no_traini
     assert status == 2
     one_line_error(err, "--device cuda was asked for but CUDA is not available", "--device cpu")
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_ctrl_c_while_starting_is_one_line_and_sighup_is_ignored_from_the_start(cli, monkeypatch):
+    previous = signal.getsignal(signal.SIGHUP)
+    seen = []
+
+    def interrupted(argv):
+        seen.append(signal.getsignal(signal.SIGHUP))
+        raise KeyboardInterrupt  # e.g. while matplotlib loads, before the trainer exists
+    monkeypatch.setattr(main, "parse_args", interrupted)
+    try:
+        status, out, err = cli(["--epochs", "1"])
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert status == 130 and seen == [signal.SIG_IGN]
+    one_line_error(err, "error: interrupted outside the training loop")
 
 
 def test_ctrl_c_while_reading_the_data_is_one_line_and_exit_130(tmp_path, fake_data, cli, monkeypatch):
