@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display under nohup
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from checkpoint import atomic_file  # noqa: E402
 from main import OneLineErrors  # noqa: E402
@@ -71,6 +72,7 @@ def plot_results(history: list, path: str, compare: tuple | None = None) -> None
         axis.legend()
     for axis in (loss_axis, acc_axis, lr_axis):
         axis.grid(alpha=0.3)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # epochs, not 0.96 ... 1.04
     figure.tight_layout()
     try:
         with atomic_file(path) as f:
