@@ -28,6 +28,7 @@ import torch
 
 import data
 import main
+from cli import OneLineErrors
 from models import ViTConfig
 from trainer import Trainer
 
@@ -179,7 +180,7 @@ def bench_augmentation(cifar, opts, device):
 
 
 def load_data(data_dir):
-    if os.path.isdir(os.path.join(data_dir, "cifar-10-batches-py")):
+    if os.path.isdir(os.path.join(data_dir, data.FOLDERS["cifar10"])):
         return data.load_cifar("cifar10", data_dir, download=False), f"CIFAR-10 from {data_dir}"
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (60_000, 3, 32, 32), dtype=torch.uint8, generator=generator)
@@ -211,20 +212,21 @@ def print_table(results, augmentation, header):
 def check_fast_flags(parser, flags):
     """One line naming what main.py's parser refuses in a --fast-flags string (its own error, not printed)."""
     tokens = shlex.split(flags)
-    if any(token.split("=")[0] == "--batch-size" for token in tokens):
+    names = [token.split("=")[0] for token in tokens]
+    if any(len(name) > 3 and "--batch-size".startswith(name) for name in names):  # argparse takes --ba, --bat, ...
         parser.error(f"--fast-flags {flags!r}: every row uses bench.py's own --batch-size; pass it to bench.py")
     refusal = io.StringIO()
     try:
-        with contextlib.redirect_stderr(refusal):
+        with contextlib.redirect_stderr(refusal), contextlib.redirect_stdout(refusal):  # an error, or --help
             main.parse_args(tokens)
-    except SystemExit:
-        lines = refusal.getvalue().strip().splitlines() or ["not valid main.py flags"]
-        reason = lines[-1].split("error: ", 1)[-1]
+    except SystemExit as exit_:  # main's parser refused them (code 2), or printed its --help (code 0)
+        lines = refusal.getvalue().strip().splitlines()
+        reason = lines[-1].split("error: ", 1)[-1] if exit_.code and lines else "not flags for a training row"
         parser.error(f"--fast-flags {flags!r}: {reason}")
 
 
 def main_cli(argv=None):
-    p = main.OneLineErrors(description=__doc__.split("\n")[0])
+    p = OneLineErrors(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--data-dir", help="a folder holding cifar-10-batches-py/ (default: ./data if it holds one, "
                                       "else random images)")
@@ -244,9 +246,9 @@ def main_cli(argv=None):
     json_folder = os.path.dirname(os.path.abspath(opts.json))
     if not os.path.isdir(json_folder):
         p.error(f"--json {opts.json}: the folder {json_folder} does not exist: create it or choose another path")
-    if opts.data_dir and not os.path.isdir(os.path.join(opts.data_dir, "cifar-10-batches-py")):
-        p.error(f"--data-dir {opts.data_dir} holds no cifar-10-batches-py/: fix the path, or leave --data-dir out "
-                f"to time random images")
+    if opts.data_dir and not os.path.isdir(os.path.join(opts.data_dir, data.FOLDERS["cifar10"])):
+        p.error(f"--data-dir {opts.data_dir} holds no {data.FOLDERS['cifar10']}/: fix the path, or leave --data-dir "
+                f"out to time random images")
     for flags in opts.fast_flags or []:
         check_fast_flags(p, flags)
     from trainer import TrainingStopped, resolve_device

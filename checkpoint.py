@@ -33,7 +33,7 @@ def atomic_file(path: str, mode: str = "wb", **open_kwargs):
     `path`, so a crash at any moment leaves either the old file or the new one, never a torn one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=folder)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
         with os.fdopen(fd, mode, **open_kwargs) as f:
@@ -45,6 +45,23 @@ def atomic_file(path: str, mode: str = "wb", **open_kwargs):
         if os.path.exists(tmp):
             os.remove(tmp)
     _fsync_folder(folder)
+
+
+_TEMP = ".tmp-"  # atomic_file's temporary files: .tmp-<name>-<random>
+
+
+def _temp_prefix(path: str) -> str:
+    return _TEMP + os.path.basename(path) + "-"
+
+
+def remove_leftovers(folder: str, names=None) -> None:
+    """Deletes what atomic_file leaves when its process is killed mid-write: the temporary files in `folder`
+    of the files named `names`, or of every file when names is None."""
+    prefixes = tuple(_temp_prefix(name) for name in names) if names is not None else (_TEMP,)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if name.startswith(prefixes) and os.path.isfile(path):
+            os.remove(path)
 
 
 def probe_writable(folder: str) -> None:
@@ -81,14 +98,21 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def load(path: str, map_location="cpu") -> dict:
+def file_problem(path: str) -> str | None:
+    """What keeps `path` from being a checkpoint file to read (a missing path, a folder), or None."""
     if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path} is a folder: name a checkpoint file in it, e.g. "
-                              f"{os.path.join(path, 'best.pt')}")
+        return f"is a folder: name a checkpoint file in it, e.g. {os.path.join(path, 'best.pt')}"
     if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} does not exist: check the path")
-    another = (f"use another file, e.g. {os.path.join(os.path.dirname(path), 'best.pt')}"
-               if os.path.basename(path) != "best.pt" else "use another checkpoint of the run")
+        return "does not exist: check the path"
+    return None
+
+
+def load(path: str, map_location="cpu", another: str = "use another checkpoint file") -> dict:
+    """The checkpoint dict; a CheckpointError that says why not, ending with `another` where another file
+    is the fix."""
+    problem = file_problem(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path} {problem}")
     try:
         with warnings.catch_warnings():  # torch's notes on odd pickles; the error below says what is wrong
             warnings.simplefilter("ignore")

@@ -28,7 +28,7 @@ DATASETS = tuple(NUM_CLASSES)
 PIPELINES = ("device", "torchvision")
 AUTOAUGMENT_FILL = 128
 
-_FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 _URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
          "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"}
 
@@ -53,13 +53,13 @@ class Cifar:
 def load_cifar(name: str, data_dir: str, download: bool = True) -> Cifar:
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
-    folder = os.path.join(data_dir, _FOLDERS[name])
+    folder = os.path.join(data_dir, FOLDERS[name])
     if not os.path.isdir(folder):
-        if os.path.basename(os.path.normpath(data_dir)) == _FOLDERS[name]:  # a download would nest a second copy
-            raise DataError(f"--data-dir {data_dir} is the {_FOLDERS[name]} folder itself: pass the folder that "
+        if os.path.basename(os.path.normpath(data_dir)) == FOLDERS[name]:  # a download would nest a second copy
+            raise DataError(f"--data-dir {data_dir} is the {FOLDERS[name]} folder itself: pass the folder that "
                             f"holds it, {os.path.dirname(os.path.normpath(data_dir)) or '.'}")
         if not download:
-            raise DataError(f"{folder} does not exist: put the extracted {_FOLDERS[name]} folder there")
+            raise DataError(f"{folder} does not exist: put the extracted {FOLDERS[name]} folder there")
         _download(name, data_dir)
     return _read_folder(name, folder)
 
@@ -73,8 +73,8 @@ def _download(name: str, data_dir: str) -> None:
     except Exception as error:  # urllib/socket/SSL errors differ by platform; all mean "no data"
         raise DataError(f"could not download {name} into {data_dir} ({type(error).__name__}: {error}); "
                         f"when offline, download {_URLS[name]} elsewhere and extract it so that "
-                        f"{os.path.join(data_dir, _FOLDERS[name])} exists, or pass --data-dir DIR "
-                        f"where DIR holds {_FOLDERS[name]}/") from None
+                        f"{os.path.join(data_dir, FOLDERS[name])} exists, or pass --data-dir DIR "
+                        f"where DIR holds {FOLDERS[name]}/") from None
 
 
 def _read_folder(name: str, folder: str) -> Cifar:

@@ -15,8 +15,10 @@ import signal
 import sys
 
 try:
+    import checkpoint
     import data
     import models
+    from cli import OneLineErrors
 except KeyboardInterrupt:  # Ctrl-C while PyTorch loads: one line, like every other stop
     print("error: interrupted while starting; nothing was written", file=sys.stderr)
     sys.exit(130)
@@ -48,13 +50,6 @@ positive_float = _number(float, above=0)
 non_negative_float = _number(float, minimum=0)
 fraction = _number(float, minimum=0, below=1)
 seed = _number(int, minimum=0, below=2 ** 63)  # torch.manual_seed's range
-
-
-class OneLineErrors(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (argparse would print its 12-line usage first)."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,14 +151,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.eval_only and args.resume:
         parser.error("--eval-only and --resume do not go together: evaluate with --checkpoint PATH")
     for flag, path in (("--resume", args.resume if args.resume != "auto" else None), ("--checkpoint", args.checkpoint)):
-        if path and os.path.isdir(path):
-            parser.error(f"{flag} {path} is a folder: name a checkpoint file in it, e.g. {os.path.join(path, 'best.pt')}")
-        if path and not os.path.isfile(path):
-            hint = " (use --resume auto to start fresh when there is none)" if flag == "--resume" else ""
-            parser.error(f"{flag} {path}: no such file{hint}")
+        problem = path and checkpoint.file_problem(path)
+        if problem:
+            hint = " (--resume auto starts fresh when there is none)" if flag == "--resume" else ""
+            parser.error(f"{flag} {path} {problem}{hint}")
     if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
         parser.error(f"--data-dir {args.data_dir} is a file, not a folder: name the folder that holds (or will hold) "
-                     f"cifar-10-batches-py/")
+                     f"{data.FOLDERS[args.dataset]}/")
     if args.compare_curve:
         import plots  # matplotlib: only when asked for
         try:
@@ -185,7 +179,6 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    import checkpoint
     import trainer
     try:
         runner = trainer.Trainer(args)

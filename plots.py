@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from checkpoint import atomic_file  # noqa: E402
-from main import OneLineErrors  # noqa: E402
+from cli import OneLineErrors  # noqa: E402
 
 
 def read_numeric_csv(path: str, columns: tuple, what: str) -> list:

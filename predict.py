@@ -25,8 +25,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from checkpoint import CheckpointError, load_model, probe_writable
+from cli import OneLineErrors
 from data import normalize
-from main import OneLineErrors
 from visualize import save_attention_figure
 
 TOP_K = 5

@@ -239,7 +239,6 @@ class Trainer:
                                   f"torchrun", 2)
         self.compile_mode = resolve_compile_mode(args.compile_mode, env_world)
         self.device = resolve_device(args.device, local_rank)
-        # said once the checks have passed, just before training, so that an error stays the only line
         self.warn_cpu = args.device == "auto" and self.device.type == "cpu" and env_rank == 0
         self.rank, self.world = init_distributed(self.device)
         self.is_main = self.rank == 0
@@ -250,6 +249,12 @@ class Trainer:
         self.checkpoint_dir = os.path.join(self.out_dir, "checkpoints")
         self.stop_signal = None
         self.compare_curve = None  # (label, points) for results.png: --compare-curve, read by fit()
+
+    def warn_if_on_cpu(self) -> None:
+        """Said once the checks have passed, just before the work, so that an error stays the only line."""
+        if self.warn_cpu:
+            print("warning: CUDA is not available, running on the CPU (slow; use a GPU for the full recipe)",
+                  file=sys.stderr, flush=True)
 
     def log(self, message: str) -> None:
         if self.is_main:
@@ -387,9 +392,7 @@ class Trainer:
         self.history, self.best_acc, self.best_epoch, start_epoch, position = [], 0.0, 0, 1, None
         if resume_state:
             start_epoch, position = self.restore(resume_state)
-        if self.warn_cpu:
-            print("warning: CUDA is not available, training on the CPU (slow; use a GPU for the full recipe)",
-                  file=sys.stderr, flush=True)
+        self.warn_if_on_cpu()
         self.log(f"model: {count_parameters(self.model):,} parameters | data: {args.dataset}, "
                  f"{len(cifar.train_images):,} train / {len(cifar.test_images):,} test | device: {self.device}"
                  f"{f' x{self.world} processes' if self.world > 1 else ''} | pipeline: {args.data_pipeline} | "
@@ -603,42 +606,44 @@ class Trainer:
         """An unwritable --out-dir shows before any long work; partial files of writes that were killed
         (SIGKILL, power loss) are cleared: checkpoints, metrics.csv and results.png."""
         require_writable(self.checkpoint_dir)
-        leftovers = [os.path.join(self.checkpoint_dir, name) for name in os.listdir(self.checkpoint_dir)
-                     if name.startswith(".tmp-")]
-        leftovers += [os.path.join(self.out_dir, name) for name in os.listdir(self.out_dir)
-                      if name.startswith((".tmp-metrics.csv-", ".tmp-results.png-"))]
-        for path in leftovers:
-            if os.path.isfile(path):
-                os.remove(path)
+        checkpoint.remove_leftovers(self.checkpoint_dir)
+        checkpoint.remove_leftovers(self.out_dir, ("metrics.csv", "results.png"))
 
     def resume_state(self):
+        """The checkpoint to continue, or None for a new run; refuses to overwrite an earlier run's files."""
         path, last = self.args.resume, os.path.join(self.checkpoint_dir, "last.pt")
-        if not path:
-            metrics = os.path.join(self.out_dir, "metrics.csv")
-            for earlier in (last, metrics):  # a new run would overwrite an earlier run's checkpoints and metrics
-                if os.path.isfile(earlier):
-                    raise TrainingStopped(f"{earlier} holds an earlier run: continue it with --resume auto, or "
-                                          f"start a new run in another --out-dir (or move that file away)", 2)
-            return None
-        if path == "auto":
+        earlier = next((f for f in (last, os.path.join(self.out_dir, "metrics.csv")) if os.path.isfile(f)), None)
+        if path == "auto" and earlier == last:
             path = last
-            if not os.path.isfile(path):
-                self.log(f"--resume auto: no {path}, starting a new run")
-                return None
-        state = checkpoint.load(path)
+        elif not path or path == "auto":
+            if earlier == last:
+                raise TrainingStopped(f"{last} holds an earlier run: continue it with --resume auto, or start a new "
+                                      f"run in another --out-dir (or move that folder away)", 2)
+            if earlier:  # metrics.csv without the checkpoint that could continue it
+                raise TrainingStopped(f"{earlier} holds an earlier run, and there is no {last} to continue it from: "
+                                      f"start the new run in another --out-dir (or move that file away)", 2)
+            if path == "auto":
+                self.log(f"--resume auto: no {last}, starting a new run")
+            return None
+        best = os.path.join(self.checkpoint_dir, "best.pt")
+        state = checkpoint.load(path, another=(
+            f"go on from an earlier checkpoint in a new folder: --resume {best} --out-dir NEW_FOLDER"
+            if path == last and os.path.isfile(best) else "resume from another checkpoint, or start a new run"))
         self.resume_path = path
         for key in ("optimizer", "scheduler", "history", "rng", "epoch"):
             if key not in state:
                 raise checkpoint.CheckpointError(f"{path} holds a model but no training state ({key!r} missing): "
                                                  f"it can be evaluated (--eval-only) but not resumed")
-        if os.path.isfile(last) and not os.path.samefile(path, last):
-            try:
-                checkpoint.load(last)
-                or_continue = ", or continue that run with --resume auto"
-            except checkpoint.CheckpointError:  # the run cannot be continued: a new folder is the only way on
-                or_continue = " (its last.pt cannot be read, so that run cannot be continued)"
-            raise checkpoint.CheckpointError(f"--resume {path} would overwrite the run in {self.out_dir} (its {last}): "
-                                             f"resume into another --out-dir{or_continue}")
+        if earlier and not (earlier == last and os.path.samefile(path, last)):
+            or_continue = ""
+            if earlier == last:
+                try:
+                    checkpoint.load(last)
+                    or_continue = ", or continue that run with --resume auto"
+                except checkpoint.CheckpointError:  # the run cannot be continued: a new folder is the only way on
+                    or_continue = " (its last.pt cannot be read, so that run cannot be continued)"
+            raise checkpoint.CheckpointError(f"--resume {path} would overwrite the run in {self.out_dir} (its "
+                                             f"{earlier}): resume into another --out-dir{or_continue}")
         try:
             position = state["scheduler"]["position"]
             stopped = f", stopped at step {int(position['step'])} of the next" if position is not None else ""
@@ -753,6 +758,7 @@ class Trainer:
         if self.is_main:
             require_writable(self.out_dir)
         cifar = data.load_cifar(args.dataset, args.data_dir)
+        self.warn_if_on_cpu()
         self.model_config, self.classes = config, cifar.classes
         self.model = self.model.to(self.device)
         self.network = self.model

@@ -2,7 +2,7 @@
 # Everything this project measures on a lent GPU, in stages that fit the device tool's calls
 # (10 minutes per call, 15 minutes per task, machine start included):
 #
-#   CALL_SECONDS=330 TEST_SECONDS=150 TESTS_K="whole_step or reduce_overhead or never_waits" \
+#   CALL_SECONDS=330 TEST_SECONDS=150 TESTS_K="whole_step or reduce_overhead or (never_waits and not default)" \
 #       bash scripts/gpu_session.sh OUT_DIR tests bench               # first call, timeout_s 360
 #   CALL_SECONDS=480 bash scripts/gpu_session.sh OUT_DIR full         # at once after it, timeout_s 500
 # (On an H100, 2026-11-26/27: bench 98-103 s with three rows of 150 steps, full 385-399 s, all CUDA tests

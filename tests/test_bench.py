@@ -100,6 +100,8 @@ def test_cuda_scripts_without_cuda_are_one_line_errors(script, message):
     (["--fast-flags", "--heads 5"], "--fast-flags '--heads 5': --hidden 384 is not divisible by --heads 5"),
     (["--fast-flags", "--lr 1e-3 --batch-size=64"],
      "--fast-flags '--lr 1e-3 --batch-size=64': every row uses bench.py's own --batch-size"),
+    (["--fast-flags", "--ba 64"], "--fast-flags '--ba 64': every row uses bench.py's own --batch-size"),
+    (["--fast-flags=--help"], "--fast-flags '--help': not flags for a training row"),
     (["--data-dir", "/nonexistent-data"], "--data-dir /nonexistent-data holds no cifar-10-batches-py/"),
     (["--device", "cuda"], "--device cuda was asked for but CUDA is not available on this machine"),
 ])

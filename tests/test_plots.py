@@ -40,9 +40,13 @@ def test_a_single_epoch_is_drawn_as_points(tmp_path, monkeypatch):
     plots.plot_results(HISTORY[:1], str(tmp_path / "one.png"))
     plots.plot_results(HISTORY, str(tmp_path / "five.png"))
     markers = [[line.get_marker() for axis in figure.axes for line in axis.lines] for figure in figures]
+    ticks = [[[t for t in axis.get_xticks() if axis.get_xlim()[0] <= t <= axis.get_xlim()[1]] for axis in figure.axes]
+             for figure in figures]
     for figure in figures:
         close(figure)
     assert markers == [["o"] * 5, ["None"] * 5]  # train and test loss, train and test accuracy, learning rate
+    assert ticks[0] == [[1.0]] * 3  # whole epochs only, not 0.96 ... 1.04
+    assert all(float(t).is_integer() for axis in ticks[1] for t in axis)
 
 
 @pytest.mark.parametrize("text, problem", [("", "holds no rows"), ("epoch,test_acc\n", "holds no rows"),

@@ -122,6 +122,7 @@ def assert_same_tensors(a, b):
 def cli(capsys, monkeypatch):
     """main.main(argv) in this process -> (exit status, stdout, stderr); the end-of-run figures are skipped."""
     monkeypatch.setattr(trainer.Trainer, "write_report", lambda self, *args, **kwargs: None)
+    sighup = signal.getsignal(signal.SIGHUP)  # main() ignores SIGHUP in this process
 
     def run(argv):
         try:
@@ -130,7 +131,8 @@ def cli(capsys, monkeypatch):
             status = exit_.code
         out, err = capsys.readouterr()
         return status, out, err
-    return run
+    yield run
+    signal.signal(signal.SIGHUP, sighup)
 
 
 @pytest.fixture
@@ -700,7 +702,8 @@ def test_resume_auto_with_a_corrupt_last_pt_is_refused(run_dir, fake_data, cli, 
     status, out, err = cli(train_args(fake_data, run_dir, "--resume", "auto", epochs=2))
     assert status == 2
     best = os.path.join(run_dir, "checkpoints", "best.pt")
-    one_line_error(err, f"checkpoint {last} {BAD_FILE}", f"use another file, e.g. {best}")
+    one_line_error(err, f"checkpoint {last} {BAD_FILE}",
+                   f"go on from an earlier checkpoint in a new folder: --resume {best} --out-dir NEW_FOLDER")
     status, out, err = cli(train_args(fake_data, run_dir, "--resume", best, epochs=2))  # the hint, same folder
     assert status == 2
     line = one_line_error(err, f"--resume {best} would overwrite the run in {run_dir}", "resume into another "
@@ -710,7 +713,7 @@ def test_resume_auto_with_a_corrupt_last_pt_is_refused(run_dir, fake_data, cli, 
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--checkpoint"])
-@pytest.mark.parametrize("given, fragment", [("nope.pt", "nope.pt: no such file"),
+@pytest.mark.parametrize("given, fragment", [("nope.pt", "nope.pt does not exist: check the path"),
                                              ("checkpoints", "checkpoints is a folder: name a checkpoint file in it, "
                                                              "e.g. {tmp}/checkpoints/best.pt")])
 def test_missing_checkpoint_file_is_a_usage_error(tmp_path, fake_data, cli, flag, given, fragment):
@@ -736,15 +739,28 @@ def test_data_dir_that_is_a_file_is_a_usage_error(tmp_path, cli, no_data):
     assert not os.path.exists(tmp_path / "run")
 
 
-def test_a_new_run_over_an_earlier_runs_metrics_is_one_line_even_on_a_cpu_with_device_auto(run_dir, fake_data, cli,
-                                                                                           no_data):
-    """The earlier run's metrics.csv (its checkpoints moved away) is kept; with --device auto and no GPU the
-    CPU warning waits until training starts, so the error is the only line."""
-    shutil.rmtree(os.path.join(run_dir, "checkpoints"))
+@pytest.mark.parametrize("resume, fragment", [
+    ([], "metrics.csv holds an earlier run, and there is no {run}/checkpoints/last.pt to continue it from: start "
+         "the new run in another --out-dir"),
+    (["--resume", "auto"], "metrics.csv holds an earlier run, and there is no {run}/checkpoints/last.pt"),
+    (["--resume", "{other}"], "--resume {other} would overwrite the run in {run} (its {run}/metrics.csv): resume "
+                              "into another --out-dir"),
+])
+def test_an_earlier_runs_metrics_are_never_overwritten(run_dir, fake_data, tmp_path, cli, no_data, monkeypatch,
+                                                       resume, fragment):
+    """An earlier run's metrics.csv whose checkpoints were moved away is kept by a new run, --resume auto (nothing
+    to continue) and a resume from elsewhere; with --device auto and no GPU the CPU warning would only come
+    before training, so the error is the only line."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    other = str(tmp_path / "other.pt")
+    shutil.move(os.path.join(run_dir, "checkpoints"), tmp_path / "moved")
+    shutil.copy(tmp_path / "moved" / "last.pt", other)
     before = snapshot(run_dir)
-    status, out, err = cli(train_args(fake_data, run_dir, "--device", "auto"))
+    status, out, err = cli(train_args(fake_data, run_dir, "--device", "auto",
+                                      *[arg.format(other=other) for arg in resume]))
     assert status == 2
-    one_line_error(err, f"{run_dir}/metrics.csv holds an earlier run: continue it with --resume auto")
+    one_line_error(err, fragment.format(run=run_dir, other=other))
+    assert "--resume auto" not in err.replace("--resume auto: ", "")  # there is nothing to continue
     assert snapshot(run_dir) == before
 
 
@@ -752,7 +768,7 @@ def test_cpu_warning_comes_once_training_starts(tmp_path, fake_data, cli, monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     status, out, err = cli(train_args(fake_data, tmp_path / "run", "--device", "auto"))
     assert status == 0, err
-    assert err.splitlines() == ["warning: CUDA is not available, training on the CPU (slow; use a GPU for the full "
+    assert err.splitlines() == ["warning: CUDA is not available, running on the CPU (slow; use a GPU for the full "
                                 "recipe)"]
 
 
@@ -917,17 +933,14 @@ def test_device_cuda_without_cuda_is_refused(tmp_path, fake_data, cli, no_traini
 
 
 def test_ctrl_c_while_starting_is_one_line_and_sighup_is_ignored_from_the_start(cli, monkeypatch):
-    previous = signal.getsignal(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # (cli restores the handler it found)
     seen = []
 
     def interrupted(argv):
         seen.append(signal.getsignal(signal.SIGHUP))
         raise KeyboardInterrupt  # e.g. while matplotlib loads, before the trainer exists
     monkeypatch.setattr(main, "parse_args", interrupted)
-    try:
-        status, out, err = cli(["--epochs", "1"])
-    finally:
-        signal.signal(signal.SIGHUP, previous)
+    status, out, err = cli(["--epochs", "1"])
     assert status == 130 and seen == [signal.SIG_IGN]
     one_line_error(err, "error: interrupted outside the training loop")
 
