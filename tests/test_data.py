@@ -82,11 +82,11 @@ def test_missing_folder_without_download_names_the_folder(tmp_path):
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
 def test_data_dir_that_is_the_batches_folder_itself_names_its_parent(tmp_path, dataset, monkeypatch):
     monkeypatch.setattr(data, "_download", lambda *a: pytest.fail("a download was started"))
-    inner = tmp_path / data._FOLDERS[dataset]
+    inner = tmp_path / data.FOLDERS[dataset]
     inner.mkdir()
     with pytest.raises(data.DataError) as info:
         data.load_cifar(dataset, str(inner) + "/")
-    assert str(info.value) == (f"--data-dir {inner}/ is the {data._FOLDERS[dataset]} folder itself: "
+    assert str(info.value) == (f"--data-dir {inner}/ is the {data.FOLDERS[dataset]} folder itself: "
                                f"pass the folder that holds it, {tmp_path}")
 
 
