@@ -153,7 +153,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag, path in (("--resume", args.resume if args.resume != "auto" else None), ("--checkpoint", args.checkpoint)):
         problem = path and checkpoint.file_problem(path)
         if problem:
-            hint = " (--resume auto starts fresh when there is none)" if flag == "--resume" else ""
+            missing = not os.path.isdir(path)
+            hint = " (--resume auto starts fresh when there is none)" if flag == "--resume" and missing else ""
             parser.error(f"{flag} {path} {problem}{hint}")
     if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
         parser.error(f"--data-dir {args.data_dir} is a file, not a folder: name the folder that holds (or will hold) "

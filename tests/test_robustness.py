@@ -721,7 +721,8 @@ def test_missing_checkpoint_file_is_a_usage_error(tmp_path, fake_data, cli, flag
     extra = ["--eval-only"] if flag == "--checkpoint" else []
     status, out, err = cli(train_args(fake_data, tmp_path / "run", *extra, flag, str(tmp_path / given)))
     assert status == 2
-    usage_error(err, f"{flag} {tmp_path}/{fragment.format(tmp=tmp_path)}")
+    line = usage_error(err, f"{flag} {tmp_path}/{fragment.format(tmp=tmp_path)}")
+    assert ("--resume auto starts fresh" in line) == (flag == "--resume" and given == "nope.pt"), line
     assert not os.path.exists(tmp_path / "run")
 
 
