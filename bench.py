@@ -179,8 +179,12 @@ def bench_augmentation(cifar, opts, device):
             "speedup": device_ips / pil_ips, "images": n}
 
 
+def holds_cifar10(data_dir) -> bool:
+    return os.path.isdir(os.path.join(data_dir, data.FOLDERS["cifar10"]))
+
+
 def load_data(data_dir):
-    if os.path.isdir(os.path.join(data_dir, data.FOLDERS["cifar10"])):
+    if holds_cifar10(data_dir):
         return data.load_cifar("cifar10", data_dir, download=False), f"CIFAR-10 from {data_dir}"
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (60_000, 3, 32, 32), dtype=torch.uint8, generator=generator)
@@ -246,7 +250,7 @@ def main_cli(argv=None):
     json_folder = os.path.dirname(os.path.abspath(opts.json))
     if not os.path.isdir(json_folder):
         p.error(f"--json {opts.json}: the folder {json_folder} does not exist: create it or choose another path")
-    if opts.data_dir and not os.path.isdir(os.path.join(opts.data_dir, data.FOLDERS["cifar10"])):
+    if opts.data_dir and not holds_cifar10(opts.data_dir):
         p.error(f"--data-dir {opts.data_dir} holds no {data.FOLDERS['cifar10']}/: fix the path, or leave --data-dir "
                 f"out to time random images")
     for flags in opts.fast_flags or []:

@@ -239,7 +239,6 @@ class Trainer:
                                   f"torchrun", 2)
         self.compile_mode = resolve_compile_mode(args.compile_mode, env_world)
         self.device = resolve_device(args.device, local_rank)
-        self.warn_cpu = args.device == "auto" and self.device.type == "cpu" and env_rank == 0
         self.rank, self.world = init_distributed(self.device)
         self.is_main = self.rank == 0
         self.use_cuda = self.device.type == "cuda"
@@ -252,7 +251,7 @@ class Trainer:
 
     def warn_if_on_cpu(self) -> None:
         """Said once the checks have passed, just before the work, so that an error stays the only line."""
-        if self.warn_cpu:
+        if self.args.device == "auto" and self.device.type == "cpu" and self.is_main:
             print("warning: CUDA is not available, running on the CPU (slow; use a GPU for the full recipe)",
                   file=sys.stderr, flush=True)
 
