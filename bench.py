@@ -123,6 +123,8 @@ def profile_training(trainer, loader, opts, name):
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    else:  # quiet the profiler's start/stop lines and its "gpuGetDeviceCount failed" on a machine without a GPU
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     batches = list(itertools.islice(loader.epoch(3), opts.profile_steps))
     synchronize(device)
     start = time.perf_counter()

@@ -264,6 +264,10 @@ def test_policy_draw_statistics():
                 assert abs(applied - num_chosen * p) < binomial_bound(num_chosen, p) + 1, (index, slot)
     for slot in range(2):
         assert abs(int(negates[:, slot].sum()) - n / 2) < binomial_bound(n, 0.5)
+        # the sign is its own draw: half of the applied operations are negated, whatever their probability
+        applied = applies[:, slot]
+        num_applied = int(applied.sum())
+        assert abs(int(negates[applied, slot].sum()) - num_applied / 2) < binomial_bound(num_applied, 0.5)
     # the two slots' draws are independent
     both = int((applies[:, 0] & applies[:, 1]).sum())
     rate0 = applies[:, 0].float().mean().item()

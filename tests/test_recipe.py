@@ -1,0 +1,69 @@
+"""The defaults are the reference recipe, and each value reaches what it controls: the optimizer, the loss,
+the model, the data pipeline and the learning rate the optimizer applies at every step."""
+import csv
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import main
+import trainer
+from conftest import TINY_MODEL
+from models import count_parameters
+
+
+def test_default_flags_build_the_reference_recipe():
+    args = main.parse_args(["--device", "cpu"])
+    assert (args.epochs, args.batch_size, args.lr, args.min_lr, args.warmup_epochs) == (200, 128, 1e-3, 1e-5, 5)
+    assert args.data_pipeline == "device" and args.dataset == "cifar10"
+    runner = trainer.Trainer(args)
+    runner.build(10)
+
+    optimizer = runner.optimizer
+    assert type(optimizer) is torch.optim.Adam  # L2 weight decay added to the gradient, not AdamW's decoupled one
+    (group,) = optimizer.param_groups
+    assert group["betas"] == (0.9, 0.999) and group["weight_decay"] == 5e-5 and group["lr"] == 1e-3
+    assert not group.get("decoupled_weight_decay", False)
+    assert sum(p.numel() for p in group["params"]) == count_parameters(runner.model)
+
+    config = runner.model_config
+    assert (config.layers, config.hidden, config.mlp_hidden, config.heads, config.patch_size) == (7, 384, 384, 12, 4)
+    assert config.dropout == 0.0 and config.mlp_final_gelu and config.init == "pytorch" and config.num_classes == 10
+    assert count_parameters(runner.model) == 6_268_810
+    mlp, x = runner.model.layers[0].mlp, torch.randn(2, 65, 384)
+    assert torch.equal(mlp(x), F.gelu(mlp.fc2(F.gelu(mlp.fc1(x)))))  # a GELU after the second linear too
+
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 3, 5, 9])
+    loss, _ = runner.loss_and_predictions(runner.model, images, labels)
+    with torch.no_grad(), runner.autocast():
+        logits = runner.model(data.normalize(images)).float()
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, labels, label_smoothing=0.1).item(), rel=1e-6)
+    assert loss.item() != pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-3)  # the smoothing counts
+
+
+def test_the_optimizer_applies_the_scheduled_rate_at_every_step(tmp_path, fake_cifar10, monkeypatch):
+    """200 images in batches of 64 (the last of 8, kept): 4 steps per epoch, 1 warm-up epoch of 3. The rate
+    Adam reads at each step is the schedule's at that global step, and metrics.csv's lr is the epoch's last."""
+    applied = []
+    build = trainer.Trainer.build
+
+    def build_and_watch(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        self.optimizer.register_step_pre_hook(lambda optimizer, *_: applied.append(optimizer.param_groups[0]["lr"]))
+
+    monkeypatch.setattr(trainer.Trainer, "build", build_and_watch)
+    out_dir = str(tmp_path / "run")
+    args = main.parse_args(["--device", "cpu", "--data-dir", fake_cifar10, "--out-dir", out_dir, "--epochs", "3",
+                            "--warmup-epochs", "1", "--batch-size", "64", "--lr", "2e-3", "--min-lr", "1e-4",
+                            *TINY_MODEL])
+    trainer.Trainer(args).fit()
+
+    assert applied == [trainer.learning_rate(step, 12, 4, 2e-3, 1e-4) for step in range(12)]
+    assert applied[:4] == pytest.approx([5e-4, 1e-3, 1.5e-3, 2e-3]) and applied[-1] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(applied[4:], applied[5:]))  # per step, not per epoch
+    with open(os.path.join(out_dir, "metrics.csv")) as f:
+        logged = [float(row["lr"]) for row in csv.DictReader(f)]
+    assert logged == pytest.approx([applied[3], applied[7], applied[11]], rel=1e-4)
