@@ -22,6 +22,7 @@ import torch
 
 from models import ViTConfig, VisionTransformer
 
+FOLDER = "checkpoints"  # a run's checkpoints: <out-dir>/checkpoints/last.pt, best.pt, epoch_N.pt
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be read or does not fit; the message says which file and why."""
@@ -96,6 +97,12 @@ def _fsync_folder(folder: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def run_folder(path: str) -> str:
+    """The run a checkpoint belongs to: the folder holding its checkpoints/ folder, else the checkpoint's own."""
+    folder = os.path.dirname(os.path.normpath(path)) or "."
+    return (os.path.dirname(folder) or ".") if os.path.basename(folder) == FOLDER else folder
 
 
 def file_problem(path: str) -> str | None:

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--mlp-hidden", type=positive_int, default=384, help="width inside each MLP")
     model.add_argument("--heads", type=positive_int, default=12, help="must divide --hidden")
     model.add_argument("--patch-size", type=positive_int, default=4, help="must divide the 32-pixel image size")
+    model.add_argument("--mlp-final-gelu", action=argparse.BooleanOptionalAction, default=True,
+                       help="a GELU after the MLP's second linear too, as the reference; --no-mlp-final-gelu: the "
+                            "standard ViT MLP (Linear-GELU-Linear)")
     model.add_argument("--dropout", type=fraction, default=0.0,
                        help="on embeddings, attention weights, inside the MLP and on both residual branches")
     model.add_argument("--init", choices=models.INITS, default="pytorch",
@@ -112,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "process, default under torchrun")
 
     output = p.add_argument_group("output and checkpoints")
-    output.add_argument("--out-dir", default=".",
-                        help="folder for metrics.csv, results.png, checkpoints/ and the evaluation report")
+    output.add_argument("--out-dir", default=argparse.SUPPRESS,  # its default depends on --eval-only: parse_args
+                        help="folder for metrics.csv, results.png, checkpoints/ and the final report (default: the "
+                             "current folder; with --eval-only, the run folder that holds the checkpoint)")
     output.add_argument("--save-every", type=non_negative_int, default=0, help="also keep checkpoints/epoch_N.pt every N epochs (0: never)")
     output.add_argument("--write-interval", type=non_negative_float, default=30, metavar="SECONDS",
                         help="rewrite results.png, last.pt and best.pt at the end of an epoch once this long has passed "
@@ -132,9 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.warmup_epochs > args.epochs:
+    if not hasattr(args, "out_dir"):
+        args.out_dir = checkpoint.run_folder(args.checkpoint) if args.eval_only and args.checkpoint else "."
+    if not args.eval_only and args.warmup_epochs > args.epochs:
         parser.error(f"--warmup-epochs {args.warmup_epochs:g} is longer than --epochs {args.epochs}: shorten the warm-up")
-    if args.min_lr > args.lr:
+    if not args.eval_only and args.min_lr > args.lr:
         parser.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the schedule decays from --lr to --min-lr")
     if args.hidden % args.heads:
         parser.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}: choose heads that divide it")

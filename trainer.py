@@ -26,10 +26,12 @@ import plots
 import visualize
 from models import ViTConfig, VisionTransformer, count_parameters
 
-# The flags that set a run's trajectory; a resume that changes one says so in the log (precision, attention,
-# compile mode, data pipeline, workers and the output flags are ways to compute or to report).
-RECIPE_FLAGS = ("epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "optimizer", "weight_decay", "beta1", "beta2",
-                "label_smoothing", "seed")
+# Flags that choose how a run computes or reports, not what it trains. Every other flag (a new one too) sets the
+# run's trajectory, and a resume that changes it says so in the log; a different model shape is refused before
+# (check_resume_config), and the init only acts on a new run's first weights.
+COMPUTE_AND_OUTPUT_FLAGS = ("eval_batch_size", "data_dir", "data_pipeline", "workers", "device", "precision",
+                            "attention", "no_compile", "compile_mode", "init", "out_dir", "save_every",
+                            "write_interval", "compare_curve", "resume", "eval_only", "checkpoint")
 
 # Compile modes that replay CUDA graphs: one process only.
 GRAPHED_MODES = ("reduce-overhead", "whole-step")
@@ -59,9 +61,9 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, base_lr: float
 
 
 def model_config_from_args(args, num_classes: int, attention: str) -> ViTConfig:
-    return ViTConfig(num_classes=num_classes, layers=args.layers, hidden=args.hidden, mlp_hidden=args.mlp_hidden,
-                     heads=args.heads, patch_size=args.patch_size, dropout=args.dropout, attention=attention,
-                     init=args.init)
+    """Every flag named as a ViTConfig field (--mlp-hidden: mlp_hidden) sets it; attention comes resolved."""
+    flags = {field.name: getattr(args, field.name) for field in dataclasses.fields(ViTConfig) if hasattr(args, field.name)}
+    return ViTConfig(**{**flags, "num_classes": num_classes, "attention": attention})
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -245,7 +247,7 @@ class Trainer:
         self.amp_dtype = resolve_precision(args.precision, self.device)
         self.attention = resolve_attention(args.attention, self.device, self.amp_dtype)
         self.out_dir = args.out_dir
-        self.checkpoint_dir = os.path.join(self.out_dir, "checkpoints")
+        self.checkpoint_dir = os.path.join(self.out_dir, checkpoint.FOLDER)
         self.stop_signal = None
         self.compare_curve = None  # (label, points) for results.png: --compare-curve, read by fit()
 
@@ -662,7 +664,8 @@ class Trainer:
         """Flags that differ from the checkpoint's: logged, so a changed recipe is never silent; refused for the
         batch size and seed of a run stopped mid-epoch, whose remaining steps are slices of that epoch's order."""
         stored = state.get("config") if isinstance(state.get("config"), dict) else {}
-        changed = [k for k in RECIPE_FLAGS if k in stored and stored[k] != getattr(self.args, k)]
+        changed = [k for k, now in vars(self.args).items()
+                   if k not in COMPUTE_AND_OUTPUT_FLAGS and k in stored and stored[k] != now]
         describe = "; ".join(f"--{k.replace('_', '-')} {stored[k]} in the checkpoint, {getattr(self.args, k)} now"
                              for k in changed)
         if stopped_mid_epoch and {"batch_size", "seed"} & set(changed):

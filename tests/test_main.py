@@ -171,18 +171,34 @@ def test_eval_only_reports_the_best_epoch(two_epochs, data_dir, tmp_path):
 
 
 def test_eval_only_in_the_runs_folder_keeps_its_final_report(two_epochs, data_dir, tmp_path):
-    """--eval-only names its report after the checkpoint: the run's own attention.png, confusion.png and
-    per_class.csv (the final model's) stay as they were."""
+    """Without --out-dir, --eval-only writes beside the checkpoint's run, named after the checkpoint: the run's own
+    attention.png, confusion.png and per_class.csv (the final model's) stay as they were. The training flags
+    of a reused command line (--epochs 1 with the default 5 warm-up epochs) are not checked."""
     run_dir = shutil.copytree(two_epochs[0], tmp_path / "run")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     kept = ("attention.png", "confusion.png", "per_class.csv", "metrics.csv", "results.png")
     before = {name: (run_dir / name).read_bytes() for name in kept}
     result = run(["--eval-only", "--checkpoint", str(run_dir / "checkpoints" / "best.pt"), "--data-dir", data_dir,
-                  "--out-dir", str(run_dir), "--device", "cpu"])
+                  "--device", "cpu", "--epochs", "1"], cwd=str(elsewhere))
     assert result.returncode == 0, result.stderr
+    assert os.listdir(elsewhere) == []
     assert {name: (run_dir / name).read_bytes() for name in kept} == before
     with open(run_dir / "per_class-best.csv") as f:
         assert f.readline().startswith("class,")
     assert (run_dir / "attention-best.png").is_file() and (run_dir / "confusion-best.png").is_file()
+
+
+@pytest.mark.parametrize("path, run_folder", [("checkpoints/best.pt", "."), ("./checkpoints/best.pt", "."),
+                                              ("runs/a/checkpoints/last.pt", "runs/a"), ("best.pt", "."),
+                                              ("saved/epoch_9.pt", "saved")])
+def test_eval_only_writes_into_the_checkpoints_run_folder(path, run_folder, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    open(path, "wb").close()
+    assert main.parse_args(["--eval-only", "--checkpoint", path]).out_dir == run_folder
+    assert main.parse_args(["--eval-only", "--checkpoint", path, "--out-dir", "mine"]).out_dir == "mine"
+    assert main.parse_args([]).out_dir == "."
 
 
 def test_incomplete_data_folder_is_a_one_line_error(tmp_path):

@@ -1,6 +1,7 @@
 """The defaults are the reference recipe, and each value reaches what it controls: the optimizer, the loss,
 the model, the data pipeline and the learning rate the optimizer applies at every step."""
 import csv
+import dataclasses
 import os
 
 import pytest
@@ -11,7 +12,7 @@ import data
 import main
 import trainer
 from conftest import TINY_MODEL
-from models import count_parameters
+from models import ViTConfig, count_parameters
 
 
 def test_default_flags_build_the_reference_recipe():
@@ -67,3 +68,31 @@ def test_the_optimizer_applies_the_scheduled_rate_at_every_step(tmp_path, fake_c
     with open(os.path.join(out_dir, "metrics.csv")) as f:
         logged = [float(row["lr"]) for row in csv.DictReader(f)]
     assert logged == pytest.approx([applied[3], applied[7], applied[11]], rel=1e-4)
+
+
+def test_every_model_flag_reaches_the_model():
+    """A flag in main.py's model group is a ViTConfig field (else the model would silently ignore it), and every
+    field but the data's shape has a flag; their values reach the built model."""
+    model_group = next(group for group in main.build_parser()._action_groups if group.title == "model")
+    flags = {action.dest for action in model_group._group_actions}
+    fields = {field.name for field in dataclasses.fields(ViTConfig)}
+    assert flags <= fields
+    assert fields - flags == {"image_size", "in_channels", "num_classes"}
+    runner = trainer.Trainer(main.parse_args(["--device", "cpu", "--layers", "3", "--hidden", "48", "--mlp-hidden",
+                                              "40", "--heads", "6", "--patch-size", "8", "--dropout", "0.25",
+                                              "--init", "timm", "--attention", "math", "--no-mlp-final-gelu"]))
+    runner.build(100)
+    assert runner.model_config == ViTConfig(layers=3, hidden=48, mlp_hidden=40, heads=6, patch_size=8, dropout=0.25,
+                                            init="timm", attention="math", mlp_final_gelu=False, num_classes=100)
+    assert len(runner.model.layers) == 3 and not runner.model.layers[0].mlp.final_gelu
+
+
+def test_a_resume_names_every_changed_training_flag_a_new_one_too(capsys):
+    args = main.parse_args(["--device", "cpu"])
+    runner = trainer.Trainer(args)
+    runner.resume_path = "last.pt"
+    stored = {**vars(args), "workers": 3, "precision": "fp32", "out_dir": "elsewhere", "eval_batch_size": 7}
+    args.no_autoaugment, stored["no_autoaugment"] = True, False  # as if a researcher had added --no-autoaugment
+    runner.check_recipe_flags({"config": stored}, stopped_mid_epoch=False)
+    assert ("note: resuming with changed flags (--no-autoaugment False in the checkpoint, True now); the run goes "
+            "on with the new values") in capsys.readouterr().out  # and nothing about how it computes or reports
