@@ -248,6 +248,7 @@ class Trainer:
         self.attention = resolve_attention(args.attention, self.device, self.amp_dtype)
         self.out_dir = args.out_dir
         self.checkpoint_dir = os.path.join(self.out_dir, checkpoint.FOLDER)
+        self.last_checkpoint = os.path.join(self.checkpoint_dir, "last.pt")
         self.stop_signal = None
         self.compare_curve = None  # (label, points) for results.png: --compare-curve, read by fit()
 
@@ -406,12 +407,12 @@ class Trainer:
         self.install_signal_handlers()
         try:
             for epoch in range(start_epoch, args.epochs + 1):
-                row = self.train_epoch(epoch, loader, steps_per_epoch, total_steps, warmup_steps,
-                                       position if epoch == start_epoch else None)
+                row, epoch_start = self.train_epoch(epoch, loader, steps_per_epoch, total_steps, warmup_steps,
+                                                    position if epoch == start_epoch else None)
                 test_loss, test_acc, predictions = self.evaluate(test_images, test_labels)
                 if not math.isfinite(test_loss):  # finite but huge weights: caught before they are saved
                     raise self.non_finite_error("test loss after the update", epoch, steps_per_epoch)
-                row.update(test_loss=test_loss, test_acc=test_acc, epoch_seconds=time.time() - row.pop("epoch_start"))
+                row.update(test_loss=test_loss, test_acc=test_acc, epoch_seconds=time.time() - epoch_start)
                 self.end_epoch(row)
         except TrainingStopped:
             self.flush_deferred_outputs()
@@ -430,8 +431,9 @@ class Trainer:
         return summary
 
     def train_epoch(self, epoch, loader, steps_per_epoch, total_steps, warmup_steps, position):
-        """One epoch; `position` resumes one that a signal interrupted (its step and running sums).
-        Losses and accuracies accumulate on the device and are read once, at the end."""
+        """One epoch; `position` resumes one that a signal interrupted (its step and running sums). Returns the
+        metrics row so far and the epoch's start time. Losses and accuracies accumulate on the device and are
+        read once, at the end."""
         args = self.args
         self.network.train()
         sums = torch.zeros(3, device=self.device)  # loss sum, correct, samples
@@ -468,7 +470,7 @@ class Trainer:
         seen_this_session = seen - (position["sums"][2].item() if position else 0)
         last_lr = learning_rate(epoch * steps_per_epoch - 1, total_steps, warmup_steps, args.lr, args.min_lr)
         return {"epoch": epoch, "lr": last_lr, "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
-                "images_per_second": seen_this_session / max(train_seconds, 1e-9), "epoch_start": epoch_start}
+                "images_per_second": seen_this_session / max(train_seconds, 1e-9)}, epoch_start
 
     def stop_requested(self, step_in_epoch) -> bool:
         """Whether a signal asked to stop. Ranks of a distributed run must stop at the same step, so they
@@ -495,7 +497,7 @@ class Trainer:
         raise self.non_finite_error(what, epoch, step)
 
     def non_finite_error(self, what, epoch, step):
-        last = os.path.join(self.checkpoint_dir, "last.pt")
+        last = self.last_checkpoint
         kept = f"the last good checkpoint is {last}" if os.path.isfile(last) else "no checkpoint was written"
         return TrainingStopped(f"non-finite {what} at epoch {epoch}, step {step}: stopped; {kept} (try a lower --lr)")
 
@@ -612,39 +614,22 @@ class Trainer:
 
     def resume_state(self):
         """The checkpoint to continue, or None for a new run; refuses to overwrite an earlier run's files."""
-        path, last = self.args.resume, os.path.join(self.checkpoint_dir, "last.pt")
-        earlier = next((f for f in (last, os.path.join(self.out_dir, "metrics.csv")) if os.path.isfile(f)), None)
-        if path == "auto" and earlier == last:
-            path = last
-        elif not path or path == "auto":
-            if earlier == last:
-                raise TrainingStopped(f"{last} holds an earlier run: continue it with --resume auto, or start a new "
-                                      f"run in another --out-dir (or move that folder away)", 2)
-            if earlier:  # metrics.csv without the checkpoint that could continue it
-                raise TrainingStopped(f"{earlier} holds an earlier run, and there is no {last} to continue it from: "
-                                      f"start the new run in another --out-dir (or move that file away)", 2)
-            if path == "auto":
-                self.log(f"--resume auto: no {last}, starting a new run")
+        earlier = next((f for f in (self.last_checkpoint, os.path.join(self.out_dir, "metrics.csv"))
+                        if os.path.isfile(f)), None)
+        path = self.resume_path_or_none(earlier)
+        if path is None:
             return None
         best = os.path.join(self.checkpoint_dir, "best.pt")
         state = checkpoint.load(path, another=(
             f"go on from an earlier checkpoint in a new folder: --resume {best} --out-dir NEW_FOLDER"
-            if path == last and os.path.isfile(best) else "resume from another checkpoint, or start a new run"))
+            if path == self.last_checkpoint and os.path.isfile(best) else
+            "resume from another checkpoint, or start a new run"))
         self.resume_path = path
         for key in ("optimizer", "scheduler", "history", "rng", "epoch"):
             if key not in state:
                 raise checkpoint.CheckpointError(f"{path} holds a model but no training state ({key!r} missing): "
                                                  f"it can be evaluated (--eval-only) but not resumed")
-        if earlier and not (earlier == last and os.path.samefile(path, last)):
-            or_continue = ""
-            if earlier == last:
-                try:
-                    checkpoint.load(last)
-                    or_continue = ", or continue that run with --resume auto"
-                except checkpoint.CheckpointError:  # the run cannot be continued: a new folder is the only way on
-                    or_continue = " (its last.pt cannot be read, so that run cannot be continued)"
-            raise checkpoint.CheckpointError(f"--resume {path} would overwrite the run in {self.out_dir} (its "
-                                             f"{earlier}): resume into another --out-dir{or_continue}")
+        self.refuse_overwriting(path, earlier)
         try:
             position = state["scheduler"]["position"]
             stopped = f", stopped at step {int(position['step'])} of the next" if position is not None else ""
@@ -654,6 +639,40 @@ class Trainer:
         self.log(f"resuming from {path} (epoch {state['epoch']} done{stopped})")
         self.check_recipe_flags(state, stopped_mid_epoch=position is not None)
         return state
+
+    def resume_path_or_none(self, earlier):
+        """--resume's checkpoint (auto: this out-dir's last.pt), or None for a new run, which is refused where
+        `earlier` (this out-dir's last.pt or metrics.csv) would be overwritten."""
+        path, last = self.args.resume, self.last_checkpoint
+        if path == "auto" and earlier == last:
+            return last
+        if path and path != "auto":
+            return path
+        if earlier == last:
+            raise TrainingStopped(f"{last} holds an earlier run: continue it with --resume auto, or start a new "
+                                  f"run in another --out-dir (or move that folder away)", 2)
+        if earlier:  # metrics.csv without the checkpoint that could continue it
+            raise TrainingStopped(f"{earlier} holds an earlier run, and there is no {last} to continue it from: "
+                                  f"start the new run in another --out-dir (or move that file away)", 2)
+        if path == "auto":
+            self.log(f"--resume auto: no {last}, starting a new run")
+        return None
+
+    def refuse_overwriting(self, path, earlier):
+        """--resume PATH into an out-dir whose files (`earlier`) belong to another run: an older checkpoint
+        must not overwrite a newer run."""
+        last = self.last_checkpoint
+        if not earlier or (earlier == last and os.path.samefile(path, last)):
+            return
+        or_continue = ""
+        if earlier == last:
+            try:
+                checkpoint.load(last)
+                or_continue = ", or continue that run with --resume auto"
+            except checkpoint.CheckpointError:  # the run cannot be continued: a new folder is the only way on
+                or_continue = " (its last.pt cannot be read, so that run cannot be continued)"
+        raise checkpoint.CheckpointError(f"--resume {path} would overwrite the run in {self.out_dir} (its "
+                                         f"{earlier}): resume into another --out-dir{or_continue}")
 
     def malformed_state_error(self, error):
         return checkpoint.CheckpointError(f"{self.resume_path} has a malformed training state ({type(error).__name__}: "

@@ -206,7 +206,7 @@ def test_training_loop_never_waits_for_the_device(mode):
                 checked.append(epoch >= 3)
 
     try:
-        rows = [runner.train_epoch(epoch, Loader(), len(batches), 3 * len(batches), len(batches), None)
+        rows = [runner.train_epoch(epoch, Loader(), len(batches), 3 * len(batches), len(batches), None)[0]
                 for epoch in (1, 2, 3)]
     finally:
         torch.cuda.set_sync_debug_mode(0)
