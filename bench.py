@@ -4,12 +4,15 @@
     python bench.py --device cuda --steps 300         # one GPU
     python bench.py --data-dir ../shared/data         # real CIFAR-10 images (without --data-dir: ./data, else random)
     python bench.py --device cpu --fast-flags "--precision bf16"   # other main.py flags for the fast row
+    python bench.py --device cpu --model-flags "--layers 2 --hidden 64 --mlp-hidden 64 --heads 4"  # another model
     python bench.py --device cuda --fast-flags "" --fast-flags "--compile-mode whole-step"   # two fast rows
     python bench.py --device cuda --profile-steps 20  # also where each row's step spends its time (torch.profiler)
 
 (a) reference: torchvision PIL pipeline in a DataLoader, explicit attention, fp32, eager.
-(b) fast:      data and augmentation on the device, sdpa attention, bf16 autocast and, on CUDA, torch.compile
-               replayed as CUDA graphs.
+(b) fast:      main.py's defaults: data and augmentation on the device, bf16 autocast where the hardware computes
+               bf16 natively (else fp32), sdpa attention (the explicit formula on the CPU in bf16, faster there)
+               and, on CUDA, torch.compile replayed as CUDA graphs.
+Every row trains the same model: the default one, or the one --model-flags describes.
 For each: steady-state training images/s (augmentation included, after warm-up), evaluation images/s,
 peak memory, the projected time of the 200-epoch recipe, and on CUDA the achieved TFLOP/s. Then the
 augmentation pipelines alone. Prints a table and writes the numbers to --json.
@@ -29,8 +32,8 @@ import torch
 import data
 import main
 from cli import OneLineErrors
-from models import ViTConfig
-from trainer import Trainer
+from models import ViTConfig, VisionTransformer, count_parameters
+from trainer import Trainer, model_config_from_args
 
 REFERENCE_FLAGS = ["--data-pipeline", "torchvision", "--attention", "math", "--precision", "fp32", "--no-compile"]
 
@@ -61,8 +64,8 @@ def subset(cifar: data.Cifar, train: int, test: int) -> data.Cifar:
 
 def bench_training(name, flags, cifar, opts):
     """Images/s of whole loader epochs over steps*batch images: warm-up epoch, then a timed one."""
-    args = main.parse_args(flags + ["--device", opts.device, "--batch-size", str(opts.batch_size),
-                                    "--workers", str(opts.workers), "--epochs", "200"])
+    args = main.parse_args(opts.model_tokens + flags + ["--device", opts.device, "--batch-size", str(opts.batch_size),
+                                                        "--workers", str(opts.workers), "--epochs", "200"])
     trainer = Trainer(args)
     trainer.build(cifar.num_classes)
     device = trainer.device
@@ -93,8 +96,8 @@ def bench_training(name, flags, cifar, opts):
     eval_ips = len(test_images) / (time.perf_counter() - start)
 
     epoch_seconds = len(cifar.train_images) / train_ips + 10_000 / eval_ips
-    result = {"config": name, "flags": " ".join(flags) or "(defaults)", "train_images_per_s": train_ips,
-              "eval_images_per_s": eval_ips, "peak_memory_mib": peak_memory_mib(device),
+    result = {"config": name, "flags": " ".join(flags) or "(defaults)", "parameters": count_parameters(trainer.model),
+              "train_images_per_s": train_ips, "eval_images_per_s": eval_ips, "peak_memory_mib": peak_memory_mib(device),
               "projected_epoch_s": epoch_seconds, "projected_200_epochs_min": 200 * epoch_seconds / 60}
     if device.type == "cuda":
         result["train_tflops"] = 3 * forward_flops_per_image(trainer.model_config) * train_ips / 1e12
@@ -215,20 +218,63 @@ def print_table(results, augmentation, header):
           f"{augmentation['device_batched_images_per_s']:,.0f} img/s ({augmentation['speedup']:.1f}x)")
 
 
-def check_fast_flags(parser, flags):
-    """One line naming what main.py's parser refuses in a --fast-flags string (its own error, not printed)."""
-    tokens = shlex.split(flags)
-    names = [token.split("=")[0] for token in tokens]
-    if any(len(name) > 3 and "--batch-size".startswith(name) for name in names):  # argparse takes --ba, --bat, ...
-        parser.error(f"--fast-flags {flags!r}: every row uses bench.py's own --batch-size; pass it to bench.py")
+def model_options() -> list:
+    """main.py's flags that choose the model (its "model" group), which --model-flags sets for every row.
+    --attention is in that group but only picks how attention is computed (same weights, same outputs): the
+    reference row fixes it and the fast rows vary it, so it stays a --fast-flags flag."""
+    # argparse has no public way to list a group's actions or a parser's option names
+    group = next(g for g in main.build_parser()._action_groups if g.title == "model")
+    return [option for action in group._group_actions for option in action.option_strings if option != "--attention"]
+
+
+def options_named(tokens) -> list:
+    """The main.py options that command-line tokens name, abbreviations resolved as argparse resolves them
+    (--lay: --layers); an ambiguous or unknown name is left for main.py's parser to refuse."""
+    options = main.build_parser()._option_string_actions
+    named = []
+    for name in (token.split("=", 1)[0] for token in tokens if token.startswith("--")):
+        matches = [name] if name in options else [option for option in options if option.startswith(name)]
+        if len(matches) == 1:
+            named.append(matches[0])
+    return named
+
+
+def main_parser_refusal(tokens) -> str | None:
+    """What main.py's parser says against these flags (its own one-line error, not printed), or None."""
     refusal = io.StringIO()
     try:
         with contextlib.redirect_stderr(refusal), contextlib.redirect_stdout(refusal):  # an error, or --help
             main.parse_args(tokens)
     except SystemExit as exit_:  # main's parser refused them (code 2), or printed its --help (code 0)
         lines = refusal.getvalue().strip().splitlines()
-        reason = lines[-1].split("error: ", 1)[-1] if exit_.code and lines else "not flags for a training row"
-        parser.error(f"--fast-flags {flags!r}: {reason}")
+        return lines[-1].split("error: ", 1)[-1] if exit_.code and lines else "not flags for a training row"
+    return None
+
+
+def check_row_flags(parser, option, flags) -> list:
+    """The main.py flags of a --model-flags or --fast-flags string, as tokens; one line, before any work, for
+    a flag it may not hold (bench.py's own --batch-size; a model flag in --fast-flags, any other flag in
+    --model-flags) or one main.py's parser refuses."""
+    tokens, where, model = shlex.split(flags), f"{option} {flags!r}", model_options()
+    for name in options_named(tokens):
+        if name == "--batch-size":
+            parser.error(f"{where}: every row uses bench.py's own --batch-size; pass it to bench.py")
+        if option == "--fast-flags" and name in model:
+            parser.error(f"{where}: {name} changes the model, which all rows share: pass it in --model-flags")
+        if option == "--model-flags" and name not in model:
+            parser.error(f"{where}: {name} is not a model flag ({', '.join(model)}): pass it in --fast-flags")
+    refusal = main_parser_refusal(tokens)
+    if refusal:
+        parser.error(f"{where}: {refusal}")
+    return tokens
+
+
+def describe_model(model_tokens, num_classes) -> dict:
+    """Flags, parameter count and forward FLOPs of the model every row trains (the attention path changes none)."""
+    config = model_config_from_args(main.parse_args(model_tokens), num_classes, attention="math")
+    return {"model_flags": " ".join(model_tokens) or "(defaults)",
+            "parameters": count_parameters(VisionTransformer(config)),
+            "forward_gflop_per_image": forward_flops_per_image(config) / 1e9}
 
 
 def main_cli(argv=None):
@@ -244,6 +290,9 @@ def main_cli(argv=None):
     p.add_argument("--augment-images", type=main.positive_int, default=None, help="default 5,000 / 50,000")
     p.add_argument("--workers", type=main.non_negative_int, default=data.default_workers())
     p.add_argument("--json", default="bench.json")
+    p.add_argument("--model-flags", default="", metavar="FLAGS",
+                   help=f"main.py model flags for every row, e.g. \"--layers 2 --hidden 64\" (any of "
+                        f"{', '.join(model_options())}; default: the recipe's model)")
     p.add_argument("--fast-flags", action="append",
                    help="main.py flags for a fast row; repeat for several rows (default: one row, the defaults)")
     p.add_argument("--profile-steps", type=main.non_negative_int, default=0,
@@ -255,8 +304,9 @@ def main_cli(argv=None):
     if opts.data_dir and not holds_cifar10(opts.data_dir):
         p.error(f"--data-dir {opts.data_dir} holds no {data.FOLDERS['cifar10']}/: fix the path, or leave --data-dir "
                 f"out to time random images")
+    opts.model_tokens = check_row_flags(p, "--model-flags", opts.model_flags)
     for flags in opts.fast_flags or []:
-        check_fast_flags(p, flags)
+        check_row_flags(p, "--fast-flags", flags)
     from trainer import TrainingStopped, resolve_device
     try:
         device = resolve_device(opts.device)
@@ -269,9 +319,12 @@ def main_cli(argv=None):
     opts.eval_images = opts.eval_images or (10_000 if on_cuda else 1_000)
     opts.augment_images = opts.augment_images or (50_000 if on_cuda else 5_000)
     cifar, source = load_data(opts.data_dir or "./data")
+    model = describe_model(opts.model_tokens, cifar.num_classes)
     machine = torch.cuda.get_device_name(device) if on_cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    header = (f"bench: {machine} | torch {torch.__version__} | {source} | batch {opts.batch_size} | "
-              f"{opts.steps} timed steps after {opts.warmup} | {opts.workers} DataLoader workers")
+    header = (f"bench: {machine} | torch {torch.__version__} | {source} | model {model['model_flags']}: "
+              f"{model['parameters']:,} parameters, {model['forward_gflop_per_image']:.3g} GFLOP forward per image | "
+              f"batch {opts.batch_size} | {opts.steps} timed steps after {opts.warmup} | "
+              f"{opts.workers} DataLoader workers")
     print(header, flush=True)
     results = []
     configs = [("reference", REFERENCE_FLAGS)]
@@ -283,8 +336,7 @@ def main_cli(argv=None):
     augmentation = bench_augmentation(cifar, opts, device)
     print_table(results, augmentation, header)
     with open(opts.json, "w") as f:
-        json.dump({"header": header, "training": results, "augmentation": augmentation,
-                   "forward_gflop_per_image": forward_flops_per_image(ViTConfig()) / 1e9}, f, indent=2)
+        json.dump({"header": header, **model, "training": results, "augmentation": augmentation}, f, indent=2)
 
 
 if __name__ == "__main__":

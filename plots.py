@@ -45,6 +45,32 @@ def read_history(path: str) -> list:
     return [{**row, "epoch": int(row["epoch"])} for row in rows]
 
 
+IMAGE_FORMATS = ("png", "pdf", "svg")
+
+
+def image_format(path: str) -> str:
+    """The format a file name asks for, by its extension: "png" for results.png ("" for no extension)."""
+    return os.path.splitext(path)[1][1:].lower()
+
+
+def same_file(a: str, b: str) -> bool:
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def check_output(parser, args) -> None:
+    """A one-line error, before anything is read or written, for an output that would replace something else:
+    a folder, an input of this very command, or a file that is no image (a checkpoint, a CSV)."""
+    example = os.path.join(os.path.dirname(args.out), "results.png")
+    if os.path.isdir(args.out):
+        parser.error(f"{args.out} is a folder: give the PNG's file name, e.g. {os.path.join(args.out, 'results.png')}")
+    for what, path in (("the metrics file", args.metrics), ("the --compare-curve file", args.compare_curve)):
+        if path and same_file(args.out, path):
+            parser.error(f"{args.out} is {what} itself: give the plot its own file name, e.g. {example}")
+    if image_format(args.out) not in IMAGE_FORMATS:
+        parser.error(f"{args.out} is not an image file name (.png, .pdf or .svg): give a .png file name, "
+                     f"e.g. {example}")
+
+
 def plot_results(history: list, path: str, compare: tuple | None = None) -> None:
     """Loss (train, test), accuracy (train, test, best epoch marked) and the learning rate, per epoch;
     `compare`: a test-accuracy curve from `read_curve`, dashed, on the accuracy panel."""
@@ -76,7 +102,7 @@ def plot_results(history: list, path: str, compare: tuple | None = None) -> None
     figure.tight_layout()
     try:
         with atomic_file(path) as f:
-            figure.savefig(f, format="png", dpi=100)
+            figure.savefig(f, format=image_format(path), dpi=100)
     finally:
         plt.close(figure)
 
@@ -84,11 +110,10 @@ def plot_results(history: list, path: str, compare: tuple | None = None) -> None
 def main(argv=None) -> int:
     p = OneLineErrors(description="Redraw results.png from a run's metrics.csv.")
     p.add_argument("metrics", help="a run's metrics.csv")
-    p.add_argument("out", help="the PNG to write")
+    p.add_argument("out", help="the image to write: .png (or .pdf, .svg)")
     p.add_argument("--compare-curve", metavar="CSV", help="a test-accuracy curve to draw dashed (epoch, test_acc)")
     args = p.parse_args(argv)
-    if os.path.isdir(args.out):
-        p.error(f"{args.out} is a folder: give the PNG's file name, e.g. {os.path.join(args.out, 'results.png')}")
+    check_output(p, args)
     try:
         history = read_history(args.metrics)
         compare = read_curve(args.compare_curve) if args.compare_curve else None

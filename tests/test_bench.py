@@ -1,4 +1,5 @@
-"""bench.py: its rows, its JSON and its profile tables, on a tiny CPU run; and the FLOP count it reports."""
+"""bench.py: its rows, its JSON and its profile tables, on a tiny CPU run; the FLOP count it reports; its one-line
+refusals of bad input."""
 import json
 import os
 import subprocess
@@ -69,6 +70,23 @@ def test_a_failing_row_is_recorded_and_the_others_still_run(tmp_path, fake_cifar
     assert "fast       failed: RuntimeError: no CUDA graphs here" in capsys.readouterr().out
 
 
+def test_model_flags_change_the_model_of_every_row(tmp_path, fake_cifar10, capsys):
+    small = ViTConfig(layers=1, hidden=32, mlp_hidden=32, heads=2, patch_size=8, num_classes=10)
+    flags = "--layers 1 --hidden 32 --mlp-hidden 32 --heads 2 --patch-size 8"
+    parameters = sum(p.numel() for p in VisionTransformer(small).parameters())
+    out = tmp_path / "bench.json"
+    bench.main_cli(["--device", "cpu", "--data-dir", fake_cifar10, "--batch-size", "8", "--steps", "1", "--warmup", "1",
+                    "--eval-images", "10", "--augment-images", "20", "--workers", "0", "--model-flags", flags,
+                    "--fast-flags", "--attention sdpa", "--json", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["training"]
+    assert [(r["config"], r["parameters"]) for r in rows] == [("reference", parameters), ("fast", parameters)]
+    assert rows[0]["flags"] == " ".join(bench.REFERENCE_FLAGS)
+    assert result["model_flags"] == flags and result["parameters"] == parameters
+    assert result["forward_gflop_per_image"] == bench.forward_flops_per_image(small) / 1e9
+    assert f"model {flags}: {parameters:,} parameters" in capsys.readouterr().out.splitlines()[0]
+
+
 def test_device_time_counts_each_kernel_once():
     from types import SimpleNamespace
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
@@ -100,11 +118,21 @@ def test_cuda_scripts_without_cuda_are_one_line_errors(script, message):
 @pytest.mark.parametrize("args, fragment", [
     (["--json", "/nonexistent-folder/bench.json"], "--json /nonexistent-folder/bench.json: the folder "
                                                    "/nonexistent-folder does not exist"),
-    (["--fast-flags", "--heads 5"], "--fast-flags '--heads 5': --hidden 384 is not divisible by --heads 5"),
+    (["--model-flags", "--heads 5"], "--model-flags '--heads 5': --hidden 384 is not divisible by --heads 5"),
+    (["--fast-flags", "--heads 5"], "--fast-flags '--heads 5': --heads changes the model, which all rows share: "
+                                    "pass it in --model-flags"),
+    (["--fast-flags", "--attention math --lay=2"],
+     "--fast-flags '--attention math --lay=2': --layers changes the model"),
+    (["--model-flags", "--hidden 64 --lr 1e-3"], "--model-flags '--hidden 64 --lr 1e-3': --lr is not a model flag "
+                                                 "(--layers, --hidden, --mlp-hidden, --heads, --patch-size, "),
+    (["--model-flags", "--attention sdpa"], "--model-flags '--attention sdpa': --attention is not a model flag"),
+    (["--model-flags", "--hidden 64 --heads 4 --bat 64"],
+     "--model-flags '--hidden 64 --heads 4 --bat 64': every row uses bench.py's own --batch-size"),
     (["--fast-flags", "--lr 1e-3 --batch-size=64"],
      "--fast-flags '--lr 1e-3 --batch-size=64': every row uses bench.py's own --batch-size"),
     (["--fast-flags", "--ba 64"], "--fast-flags '--ba 64': every row uses bench.py's own --batch-size"),
     (["--fast-flags=--help"], "--fast-flags '--help': not flags for a training row"),
+    (["--fast-flags", "--d 0.1"], "--fast-flags '--d 0.1': ambiguous option: --d could match --dropout, "),
     (["--data-dir", "/nonexistent-data"], "--data-dir /nonexistent-data holds no cifar-10-batches-py/"),
     (["--device", "cuda"], "--device cuda was asked for but CUDA is not available on this machine"),
 ])

@@ -1,4 +1,5 @@
-"""results.png with a comparison curve (--compare-curve), and the one-line errors for a bad curve file."""
+"""results.png with a comparison curve (--compare-curve); the one-line errors for a bad curve file, and for an output
+that would replace another file."""
 import os
 
 import numpy as np
@@ -10,6 +11,9 @@ from conftest import ROOT, TINY_MODEL
 
 HISTORY = [{"epoch": e, "lr": 1e-3, "train_loss": 2.0 / e, "test_loss": 2.1 / e, "train_acc": 20.0 + 5 * e,
             "test_acc": 25.0 + 5 * e} for e in range(1, 6)]
+
+METRICS = ("epoch,lr,train_loss,train_acc,test_loss,test_acc,epoch_seconds,images_per_second\n"
+           "1,0.0002,2.1,22.0,1.9,38.5,29.2,1780\n2,0.0004,1.9,34.6,1.6,49.3,1.5,34354\n")
 
 
 def test_the_shipped_reference_curve_is_the_reference_run():
@@ -79,8 +83,7 @@ def test_a_run_draws_its_compare_curve_into_results_png(fake_cifar10, tmp_path, 
 
 def test_redraw_from_metrics_csv_with_the_reference(tmp_path, capsys):
     metrics = tmp_path / "metrics.csv"
-    metrics.write_text("epoch,lr,train_loss,train_acc,test_loss,test_acc,epoch_seconds,images_per_second\n"
-                       "1,0.0002,2.1,22.0,1.9,38.5,29.2,1780\n2,0.0004,1.9,34.6,1.6,49.3,1.5,34354\n")
+    metrics.write_text(METRICS)
     assert plots.read_history(str(metrics))[1] == {"epoch": 2, "lr": 0.0004, "train_loss": 1.9, "train_acc": 34.6,
                                                    "test_loss": 1.6, "test_acc": 49.3}
     out = tmp_path / "vs.png"
@@ -97,3 +100,35 @@ def test_redraw_from_metrics_csv_with_the_reference(tmp_path, capsys):
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(
         f"error: {tmp_path} is a folder: give the PNG's file name, e.g. {tmp_path / 'results.png'}")
+
+
+@pytest.mark.parametrize("out, flags, message", [
+    ("./metrics.csv", [],
+     "./metrics.csv is the metrics file itself: give the plot its own file name, e.g. ./results.png"),
+    ("curve.csv", ["--compare-curve", "curve.csv"],
+     "curve.csv is the --compare-curve file itself: give the plot its own file name, e.g. results.png"),
+    ("checkpoints/last.pt", [], "checkpoints/last.pt is not an image file name (.png, .pdf or .svg): "
+                                "give a .png file name, e.g. checkpoints/results.png"),
+    ("other.csv", [], "other.csv is not an image file name (.png, .pdf or .svg): give a .png file name, "
+                      "e.g. results.png"),
+])
+def test_an_output_that_would_replace_another_file_is_refused(tmp_path, monkeypatch, capsys, out, flags, message):
+    monkeypatch.chdir(tmp_path)
+    files = {"metrics.csv": METRICS.encode(), "curve.csv": b"epoch,test_acc\n1,50\n",
+             "checkpoints/last.pt": b"\x80\x02 a checkpoint", "other.csv": b"kept\n"}
+    os.makedirs("checkpoints")
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    with pytest.raises(SystemExit) as exit_:
+        plots.main(["metrics.csv", out, *flags])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].endswith(f": error: {message}"), lines
+    assert {name: (tmp_path / name).read_bytes() for name in files} == files
+
+
+@pytest.mark.parametrize("name, start", [("plot.svg", b"<?xml"), ("plot.pdf", b"%PDF"), ("plot.png", b"\x89PNG")])
+def test_the_output_is_written_in_the_format_its_name_asks_for(tmp_path, name, start):
+    (tmp_path / "metrics.csv").write_text(METRICS)
+    assert plots.main([str(tmp_path / "metrics.csv"), str(tmp_path / name)]) == 0
+    assert (tmp_path / name).read_bytes().startswith(start)
