@@ -24,6 +24,7 @@ from models import ViTConfig, VisionTransformer
 
 FOLDER = "checkpoints"  # a run's checkpoints: <out-dir>/checkpoints/last.pt, best.pt, epoch_N.pt
 
+
 class CheckpointError(Exception):
     """A checkpoint that cannot be read or does not fit; the message says which file and why."""
 
