@@ -36,6 +36,9 @@ from models import ViTConfig, VisionTransformer, count_parameters
 from trainer import Trainer, model_config_from_args
 
 REFERENCE_FLAGS = ["--data-pipeline", "torchvision", "--attention", "math", "--precision", "fp32", "--no-compile"]
+# main.py flags that bench.py sets for every row, and what to do instead of giving them in a row's flags
+SET_FOR_EVERY_ROW = {"--device": "pass it to bench.py", "--batch-size": "pass it to bench.py",
+                     "--workers": "pass it to bench.py", "--epochs": "bench.py times steps, not epochs: drop it"}
 
 
 def forward_flops_per_image(config: ViTConfig) -> int:
@@ -253,12 +256,12 @@ def main_parser_refusal(tokens) -> str | None:
 
 def check_row_flags(parser, option, flags) -> list:
     """The main.py flags of a --model-flags or --fast-flags string, as tokens; one line, before any work, for
-    a flag it may not hold (bench.py's own --batch-size; a model flag in --fast-flags, any other flag in
+    a flag it may not hold (one bench.py sets for every row; a model flag in --fast-flags, any other flag in
     --model-flags) or one main.py's parser refuses."""
     tokens, where, model = shlex.split(flags), f"{option} {flags!r}", model_options()
     for name in options_named(tokens):
-        if name == "--batch-size":
-            parser.error(f"{where}: every row uses bench.py's own --batch-size; pass it to bench.py")
+        if name in SET_FOR_EVERY_ROW:
+            parser.error(f"{where}: every row uses bench.py's own {name}; {SET_FOR_EVERY_ROW[name]}")
         if option == "--fast-flags" and name in model:
             parser.error(f"{where}: {name} changes the model, which all rows share: pass it in --model-flags")
         if option == "--model-flags" and name not in model:

@@ -60,9 +60,10 @@ def same_file(a: str, b: str) -> bool:
 def check_output(parser, args) -> None:
     """A one-line error, before anything is read or written, for an output that would replace something else:
     a folder, an input of this very command, or a file that is no image (a checkpoint, a CSV)."""
-    example = os.path.join(os.path.dirname(args.out), "results.png")
+    example = os.path.join(os.path.dirname(args.out), "results-redrawn.png")  # not a run's own results.png
     if os.path.isdir(args.out):
-        parser.error(f"{args.out} is a folder: give the PNG's file name, e.g. {os.path.join(args.out, 'results.png')}")
+        parser.error(f"{args.out} is a folder: give the PNG's file name, e.g. "
+                     f"{os.path.join(args.out, 'results-redrawn.png')}")
     for what, path in (("the metrics file", args.metrics), ("the --compare-curve file", args.compare_curve)):
         if path and same_file(args.out, path):
             parser.error(f"{args.out} is {what} itself: give the plot its own file name, e.g. {example}")

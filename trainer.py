@@ -683,9 +683,13 @@ class Trainer:
         """Flags that differ from the checkpoint's: logged, so a changed recipe is never silent; refused for the
         batch size and seed of a run stopped mid-epoch, whose remaining steps are slices of that epoch's order."""
         stored = state.get("config") if isinstance(state.get("config"), dict) else {}
-        changed = [k for k, now in vars(self.args).items()
-                   if k not in COMPUTE_AND_OUTPUT_FLAGS and k in stored and stored[k] != now]
-        describe = "; ".join(f"--{k.replace('_', '-')} {stored[k]} in the checkpoint, {getattr(self.args, k)} now"
+        if not stored:
+            return
+        import main  # the flags' defaults: a flag missing from an older checkpoint did not exist yet, so its default held
+        defaults = main.build_parser()
+        then = {k: stored.get(k, defaults.get_default(k)) for k in vars(self.args) if k not in COMPUTE_AND_OUTPUT_FLAGS}
+        changed = [k for k in then if then[k] != getattr(self.args, k)]
+        describe = "; ".join(f"--{k.replace('_', '-')} {then[k]} in the checkpoint, {getattr(self.args, k)} now"
                              for k in changed)
         if stopped_mid_epoch and {"batch_size", "seed"} & set(changed):
             raise checkpoint.CheckpointError(f"{self.resume_path} stopped in the middle of an epoch, "
@@ -696,9 +700,9 @@ class Trainer:
 
     def check_resume_config(self, state, num_classes):
         wanted = dataclasses.asdict(model_config_from_args(self.args, num_classes, self.attention))
-        stored = state["model_config"]
-        differing = [f"{k}: checkpoint {stored.get(k)!r}, flags {v!r}" for k, v in wanted.items()
-                     if k not in ("attention", "init") and stored.get(k, v) != v]
+        stored = dataclasses.asdict(checkpoint.model_config_of(state, self.resume_path))  # defaults for older fields
+        differing = [f"{k}: checkpoint {stored[k]!r}, flags {v!r}" for k, v in wanted.items()
+                     if k not in COMPUTE_AND_OUTPUT_FLAGS and stored[k] != v]
         if differing:
             raise checkpoint.CheckpointError(f"{self.resume_path}: the checkpoint's model differs from the flags ("
                                              + "; ".join(differing)
@@ -764,7 +768,7 @@ class Trainer:
             self.save(self.state(epoch - 1, position), "last.pt")
         command = shlex.join(argv_without_resume(sys.argv))
         raise TrainingStopped(f"stopped by {signal.Signals(self.stop_signal).name} at epoch {epoch}, step {steps_done}; "
-                              f"saved {os.path.join(self.checkpoint_dir, 'last.pt')}; continue with: "
+                              f"saved {self.last_checkpoint}; continue with: "
                               f"python {command} --resume auto", 128 + self.stop_signal)
 
     # ------------------------------------------------------------------------------------ eval-only

@@ -131,6 +131,11 @@ def test_cuda_scripts_without_cuda_are_one_line_errors(script, message):
     (["--fast-flags", "--lr 1e-3 --batch-size=64"],
      "--fast-flags '--lr 1e-3 --batch-size=64': every row uses bench.py's own --batch-size"),
     (["--fast-flags", "--ba 64"], "--fast-flags '--ba 64': every row uses bench.py's own --batch-size"),
+    (["--fast-flags", "--device cpu"], "--fast-flags '--device cpu': every row uses bench.py's own --device; "
+                                       "pass it to bench.py"),
+    (["--model-flags", "--workers 3"], "--model-flags '--workers 3': every row uses bench.py's own --workers"),
+    (["--fast-flags", "--epochs 5"], "--fast-flags '--epochs 5': every row uses bench.py's own --epochs; "
+                                     "bench.py times steps, not epochs: drop it"),
     (["--fast-flags=--help"], "--fast-flags '--help': not flags for a training row"),
     (["--fast-flags", "--d 0.1"], "--fast-flags '--d 0.1': ambiguous option: --d could match --dropout, "),
     (["--data-dir", "/nonexistent-data"], "--data-dir /nonexistent-data holds no cifar-10-batches-py/"),

@@ -173,14 +173,14 @@ def test_eval_only_reports_the_best_epoch(two_epochs, data_dir, tmp_path):
 def test_eval_only_in_the_runs_folder_keeps_its_final_report(two_epochs, data_dir, tmp_path):
     """Without --out-dir, --eval-only writes beside the checkpoint's run, named after the checkpoint: the run's own
     attention.png, confusion.png and per_class.csv (the final model's) stay as they were. The training flags
-    of a reused command line (--epochs 1 with the default 5 warm-up epochs) are not checked."""
+    of a reused command line (--epochs 1 with the default 5 warm-up epochs, --lr below --min-lr) are not checked."""
     run_dir = shutil.copytree(two_epochs[0], tmp_path / "run")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     kept = ("attention.png", "confusion.png", "per_class.csv", "metrics.csv", "results.png")
     before = {name: (run_dir / name).read_bytes() for name in kept}
     result = run(["--eval-only", "--checkpoint", str(run_dir / "checkpoints" / "best.pt"), "--data-dir", data_dir,
-                  "--device", "cpu", "--epochs", "1"], cwd=str(elsewhere))
+                  "--device", "cpu", "--epochs", "1", "--lr", "1e-6"], cwd=str(elsewhere))
     assert result.returncode == 0, result.stderr
     assert os.listdir(elsewhere) == []
     assert {name: (run_dir / name).read_bytes() for name in kept} == before

@@ -99,18 +99,18 @@ def test_redraw_from_metrics_csv_with_the_reference(tmp_path, capsys):
         plots.main([str(metrics), str(tmp_path)])
     assert exit_.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(
-        f"error: {tmp_path} is a folder: give the PNG's file name, e.g. {tmp_path / 'results.png'}")
+        f"error: {tmp_path} is a folder: give the PNG's file name, e.g. {tmp_path / 'results-redrawn.png'}")
 
 
 @pytest.mark.parametrize("out, flags, message", [
     ("./metrics.csv", [],
-     "./metrics.csv is the metrics file itself: give the plot its own file name, e.g. ./results.png"),
+     "./metrics.csv is the metrics file itself: give the plot its own file name, e.g. ./results-redrawn.png"),
     ("curve.csv", ["--compare-curve", "curve.csv"],
-     "curve.csv is the --compare-curve file itself: give the plot its own file name, e.g. results.png"),
+     "curve.csv is the --compare-curve file itself: give the plot its own file name, e.g. results-redrawn.png"),
     ("checkpoints/last.pt", [], "checkpoints/last.pt is not an image file name (.png, .pdf or .svg): "
-                                "give a .png file name, e.g. checkpoints/results.png"),
+                                "give a .png file name, e.g. checkpoints/results-redrawn.png"),
     ("other.csv", [], "other.csv is not an image file name (.png, .pdf or .svg): give a .png file name, "
-                      "e.g. results.png"),
+                      "e.g. results-redrawn.png"),
 ])
 def test_an_output_that_would_replace_another_file_is_refused(tmp_path, monkeypatch, capsys, out, flags, message):
     monkeypatch.chdir(tmp_path)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import data
 import main
 import trainer
@@ -88,11 +89,28 @@ def test_every_model_flag_reaches_the_model():
 
 
 def test_a_resume_names_every_changed_training_flag_a_new_one_too(capsys):
-    args = main.parse_args(["--device", "cpu"])
+    """Every flag but those that choose how to compute or report is compared with the checkpoint's; a flag the
+    checkpoint does not know (it is older than the flag) is compared with the flag's default."""
+    args = main.parse_args(["--device", "cpu", "--lr", "2e-3"])
+    assert set(trainer.COMPUTE_AND_OUTPUT_FLAGS) <= set(vars(args))  # no misspelt entry
     runner = trainer.Trainer(args)
     runner.resume_path = "last.pt"
-    stored = {**vars(args), "workers": 3, "precision": "fp32", "out_dir": "elsewhere", "eval_batch_size": 7}
+    stored = {k: v for k, v in vars(args).items() if k != "lr"}  # saved before --lr existed: its default held
+    stored.update({flag: f"other {flag}" for flag in trainer.COMPUTE_AND_OUTPUT_FLAGS})  # silent, all of them
     args.no_autoaugment, stored["no_autoaugment"] = True, False  # as if a researcher had added --no-autoaugment
     runner.check_recipe_flags({"config": stored}, stopped_mid_epoch=False)
-    assert ("note: resuming with changed flags (--no-autoaugment False in the checkpoint, True now); the run goes "
-            "on with the new values") in capsys.readouterr().out  # and nothing about how it computes or reports
+    assert capsys.readouterr().out == ("note: resuming with changed flags (--lr 0.001 in the checkpoint, 0.002 now; "
+                                       "--no-autoaugment False in the checkpoint, True now); the run goes on with "
+                                       "the new values\n")
+
+
+def test_a_resume_compares_the_model_with_an_older_checkpoints_defaults():
+    """A model field the checkpoint does not know had its default then: --no-mlp-final-gelu differs from it."""
+    runner = trainer.Trainer(main.parse_args(["--device", "cpu", "--no-mlp-final-gelu", *TINY_MODEL]))
+    runner.resume_path = "old.pt"
+    saved = dataclasses.asdict(trainer.model_config_from_args(main.parse_args(TINY_MODEL), 10, "math"))
+    del saved["mlp_final_gelu"]
+    with pytest.raises(checkpoint.CheckpointError, match="mlp_final_gelu: checkpoint True, flags False"):
+        runner.check_resume_config({"model_config": saved}, 10)
+    saved["mlp_final_gelu"] = False
+    runner.check_resume_config({"model_config": saved}, 10)  # the same model: no error
