@@ -782,6 +782,9 @@ class Trainer:
                                              f"has {data.NUM_CLASSES[args.dataset]}: pass the --dataset it was trained on")
         if self.is_main:
             require_writable(self.out_dir)
+        smoothing = state["config"].get("label_smoothing") if isinstance(state.get("config"), dict) else None
+        if isinstance(smoothing, float) and 0.0 <= smoothing < 1.0:  # the run's own loss: its metrics.csv's test loss
+            args.label_smoothing = smoothing
         cifar = data.load_cifar(args.dataset, args.data_dir)
         self.warn_if_on_cpu()
         self.model_config, self.classes = config, cifar.classes
