@@ -5,13 +5,13 @@
     python bench.py --data-dir ../shared/data         # real CIFAR-10 images (without --data-dir: ./data, else random)
     python bench.py --device cpu --fast-flags "--precision bf16"   # other main.py flags for the fast row
     python bench.py --device cpu --model-flags "--layers 2 --hidden 64 --mlp-hidden 64 --heads 4"  # another model
-    python bench.py --device cuda --fast-flags "" --fast-flags "--compile-mode whole-step"   # two fast rows
+    python bench.py --device cuda --fast-flags "" --fast-flags "--compile-mode reduce-overhead"   # two fast rows
     python bench.py --device cuda --profile-steps 20  # also where each row's step spends its time (torch.profiler)
 
 (a) reference: torchvision PIL pipeline in a DataLoader, explicit attention, fp32, eager.
 (b) fast:      main.py's defaults: data and augmentation on the device, bf16 autocast where the hardware computes
                bf16 natively (else fp32), sdpa attention (the explicit formula on the CPU in bf16, faster there)
-               and, on CUDA, torch.compile replayed as CUDA graphs.
+               and, on CUDA, torch.compile with the whole training step (Adam included) replayed as one CUDA graph.
 Every row trains the same model: the default one, or the one --model-flags describes.
 For each: steady-state training images/s (augmentation included, after warm-up), evaluation images/s,
 peak memory, the projected time of the 200-epoch recipe, and on CUDA the achieved TFLOP/s. Then the

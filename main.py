@@ -109,10 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     system.add_argument("--no-compile", action="store_true", help="do not torch.compile the model (CUDA only)")
     system.add_argument("--compile-mode", choices=("auto", "default", "reduce-overhead", "whole-step"), default="auto",
                         help="torch.compile mode on CUDA; reduce-overhead replays the compiled forward and backward "
-                             "as CUDA graphs, cutting the per-step launch cost (one process only); whole-step "
-                             "(experimental, not yet timed on a GPU): forward, backward and the optimizer step of "
-                             "a full batch as one CUDA graph (one process only); auto: reduce-overhead in one "
-                             "process, default under torchrun")
+                             "as CUDA graphs (one process only); whole-step: forward, backward and the Adam step "
+                             "of a full batch as one CUDA graph (one process only); auto: whole-step in one process "
+                             "with the device pipeline, reduce-overhead with the torchvision one, default under "
+                             "torchrun")
 
     output = p.add_argument_group("output and checkpoints")
     output.add_argument("--out-dir", default=argparse.SUPPRESS,  # its default depends on --eval-only: parse_args

@@ -101,12 +101,16 @@ def resolve_attention(requested: str, device: torch.device, amp_dtype) -> str:
     return "math" if device.type == "cpu" and amp_dtype is not None else "sdpa"
 
 
-def resolve_compile_mode(requested: str, world: int) -> str:
-    """auto: CUDA graphs (reduce-overhead) in one process, where they made the H100 step 3.9x faster (34,176 vs
-    8,697 images/s, bench.py, torch 2.11); default under torchrun, whose gradient hooks cannot be graphed."""
-    if requested == "auto":
-        return "reduce-overhead" if world == 1 else "default"
-    return requested
+def resolve_compile_mode(requested: str, world: int, pipeline: str) -> str:
+    """auto: one process graphs the step. With the device pipeline the whole step, Adam included, is one CUDA graph
+    (whole-step: 36,199 against reduce-overhead's 27,164 images/s, bench.py on an H100, torch 2.11); the
+    torchvision pipeline keeps reduce-overhead, with which it has run on a GPU (whole-step's test with it did not
+    finish there). Under torchrun: default, as DDP's gradient hooks cannot be graphed."""
+    if requested != "auto":
+        return requested
+    if world > 1:
+        return "default"
+    return "whole-step" if pipeline == "device" else "reduce-overhead"
 
 
 def argv_without_resume(argv: list) -> list:
@@ -239,7 +243,7 @@ class Trainer:
         if args.compile_mode in GRAPHED_MODES and env_world > 1:  # DDP's gradient hooks cannot be graphed
             raise TrainingStopped(f"--compile-mode {args.compile_mode} works in one process only: drop it under "
                                   f"torchrun", 2)
-        self.compile_mode = resolve_compile_mode(args.compile_mode, env_world)
+        self.compile_mode = resolve_compile_mode(args.compile_mode, env_world, args.data_pipeline)
         self.device = resolve_device(args.device, local_rank)
         self.rank, self.world = init_distributed(self.device)
         self.is_main = self.rank == 0

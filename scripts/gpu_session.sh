@@ -2,18 +2,15 @@
 # Everything this project measures on a lent GPU, in stages that fit the device tool's calls
 # (10 minutes per call, 15 minutes per task, machine start included):
 #
-#   CALL_SECONDS=330 TEST_SECONDS=150 TESTS_K="whole_step or reduce_overhead or (never_waits and not default)" \
-#       bash scripts/gpu_session.sh OUT_DIR tests bench               # first call, timeout_s 360
-#   CALL_SECONDS=480 bash scripts/gpu_session.sh OUT_DIR full         # at once after it, timeout_s 500
-# (On an H100, 2026-11-26/27: bench 98-103 s with three rows of 150 steps, full 385-399 s, all CUDA tests
-# 112-139 s; the machine's start took 1-2 minutes of the task's 15. Not yet timed: the CUDA-graph tests
-# alone, the bench's 390 steps.)
+#   CALL_SECONDS=330 TEST_SECONDS=150 TESTS_K="..." bash scripts/gpu_session.sh OUT_DIR tests bench   # timeout_s 360
+#   CALL_SECONDS=540 bash scripts/gpu_session.sh OUT_DIR full         # at once after it, timeout_s 570
+# (On an H100, 2026-11-27: 5 CUDA-graph tests in 150 s, bench 85 s with three rows of 390 steps, full 379 s;
+# the start and both calls held the machine 675 s of the task's 900.)
 #
 # Stages (any order, any subset; run from the repository root with .device/ carried, see README):
-#   bench     bench.py: reference, fast (defaults: compiled forward and backward as CUDA graphs), and fast
-#             with --compile-mode whole-step (the optimizer step inside the graph too), profiled
-#   full      the 200-epoch default recipe on the JPEG copy, with the flags of bench's fastest fast row
-#             (and with the defaults if those fail)
+#   bench     bench.py: reference, fast (defaults: the whole step, Adam included, as one CUDA graph), and fast
+#             with --compile-mode reduce-overhead (forward and backward graphed, Adam on the host), profiled
+#   full      the 200-epoch default recipe (`python3 main.py`, no flags but the folders)
 #   tests     the CUDA tests: tests/test_cuda.py and the CUDA cases of tests/test_augment.py (TESTS_K: another
 #             pytest -k expression, e.g. "whole_step or reduce_overhead" for the CUDA-graph ones alone)
 #   torchrun  issue 4: `torchrun --nproc_per_node=1 main.py` against `python main.py`, same flags, 3 epochs each
@@ -74,18 +71,6 @@ gather_lossless() {  # this call's carried parts into /tmp; unpacked once all th
         && echo "unpacked the lossless copy into /tmp/lossless"
 }
 
-fastest_row_flags() {  # the flags of the fast row bench measured fastest
-    python3 - "$work/bench.json" <<'EOF'
-import json, sys
-try:
-    rows = json.load(open(sys.argv[1]))["training"][1:]
-    rows = [r for r in rows if "error" not in r]
-    print(max(rows, key=lambda r: r["train_images_per_s"])["flags"].replace("(defaults)", ""))
-except (OSError, ValueError, KeyError):
-    print("")
-EOF
-}
-
 median_images_per_second() {  # over the epochs after the first (which compiles)
     python3 - "$1" <<'EOF'
 import csv, statistics, sys
@@ -93,11 +78,6 @@ rows = list(csv.DictReader(open(sys.argv[1])))[1:]
 print(f"{statistics.median(float(r['images_per_second']) for r in rows):.0f} img/s over {len(rows)} epochs" if rows
       else "no epoch after the first finished")
 EOF
-}
-
-full_run() {  # out-dir, then main.py flags; prints timeout's exit status
-    timeout "$(limit "${FULL_RUN_SECONDS:-480}")" python3 main.py --data-dir "$data_dir" --out-dir "$@" >> "$work/full_run.log" 2>&1
-    echo $?
 }
 
 for stage in "$@"; do
@@ -108,21 +88,14 @@ for stage in "$@"; do
         [ -d "$data_dir/cifar-10-batches-py" ] || data_flag=()
         timeout "$(limit "${BENCH_SECONDS:-240}")" python3 bench.py --device cuda "${data_flag[@]}" \
             --json "$work/bench.json" --steps 390 --warmup 20 --profile-steps 10 \
-            --fast-flags "" --fast-flags "--compile-mode whole-step" > "$work/bench.log" 2>&1
+            --fast-flags "" --fast-flags "--compile-mode reduce-overhead" > "$work/bench.log" 2>&1
         echo "bench: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/bench.log" ;;
     full)
-        flags=$(fastest_row_flags)
-        echo "full run flags: ${flags:-(defaults)}" | tee "$work/full_run.log"
-        run_dir=/tmp/full
-        status=$(full_run "$run_dir" $flags)
-        if [ -n "$flags" ] && [ "$status" != 0 ] && [ "$status" != 124 ] && [ "$(limit 999)" -gt 120 ]; then
-            echo "full run with $flags failed (exit $status): again with the defaults" | tee -a "$work/full_run.log"
-            run_dir=/tmp/full-defaults
-            status=$(full_run "$run_dir")
-        fi
-        echo "full run: exit $status, $(( $(date +%s) - start )) s wall (model build, compile and final report included)" \
+        timeout "$(limit "${FULL_RUN_SECONDS:-480}")" python3 main.py --data-dir "$data_dir" --out-dir /tmp/full \
+            > "$work/full_run.log" 2>&1
+        echo "full run: exit $?, $(( $(date +%s) - start )) s wall (model build, compile and final report included)" \
             | tee -a "$work/full_run.log"
-        for f in metrics.csv results.png attention.png confusion.png per_class.csv; do cp "$run_dir/$f" "$work/" 2>/dev/null; done ;;
+        for f in metrics.csv results.png attention.png confusion.png per_class.csv; do cp "/tmp/full/$f" "$work/" 2>/dev/null; done ;;
     tests)
         timeout "$(limit "${TEST_SECONDS:-300}")" python3 -m pytest tests/test_cuda.py tests/test_augment.py \
             -k "${TESTS_K:-cuda}" -q -rfE --durations=12 -p no:cacheprovider > "$work/tests.log" 2>&1

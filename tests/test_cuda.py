@@ -67,7 +67,7 @@ def test_main_runs_on_cuda_with_compile(tmp_path):
     result = run_main(["--data-dir", str(data_dir), "--out-dir", str(tmp_path / "run"), "--epochs", "2",
                        "--warmup-epochs", "1", "--batch-size", "32", *TINY_MODEL])
     assert result.returncode == 0, result.stderr
-    assert "device: cuda" in result.stdout and "precision: bf16" in result.stdout and "compile: reduce-overhead" in result.stdout
+    assert "device: cuda" in result.stdout and "precision: bf16" in result.stdout and "compile: whole-step" in result.stdout
     assert os.path.isfile(tmp_path / "run" / "checkpoints" / "last.pt")
 
 
