@@ -152,27 +152,6 @@ def test_whole_step_graph_draws_new_dropout_masks_each_replay(dropout, differ):
     assert (len(set(losses[3:])) == 3) == differ, losses
 
 
-@pytest.mark.parametrize("pipeline", ["device", "torchvision"])
-def test_main_trains_and_resumes_with_the_whole_step_graph(tmp_path, pipeline):
-    """Whole epochs (200 images at batch 32: six steps and a partial batch each), a checkpoint, a resume; with
-    the torchvision pipeline, DataLoader threads pin memory while the step is captured."""
-    data_dir, out_dir = tmp_path / "data", tmp_path / "run"
-    write_fake_cifar(str(data_dir))
-    common = ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--warmup-epochs", "1", "--batch-size", "32",
-              "--compile-mode", "whole-step", "--data-pipeline", pipeline, *TINY_MODEL]
-    first = run_main([*common, "--epochs", "2"])
-    assert first.returncode == 0, first.stderr
-    assert "compile: whole-step" in first.stdout
-    captured = "whole-step: the training step is captured as one CUDA graph (after 3 ordinary steps)"
-    assert first.stdout.count(captured) == 1
-    resumed = run_main([*common, "--epochs", "3", "--resume", "auto"])
-    assert resumed.returncode == 0, resumed.stderr
-    assert resumed.stdout.count(captured) == 1
-    rows = (out_dir / "metrics.csv").read_text().splitlines()[1:]
-    assert [row.split(",")[0] for row in rows] == ["1", "2", "3"]
-    assert all(float(row.split(",")[5]) >= 0 for row in rows)  # test_acc written: no non-finite stop
-
-
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead", "whole-step"])
 def test_training_loop_never_waits_for_the_device(mode):
     """The training loop's steps (train_step and the on-device sums of train_epoch) never synchronise with the GPU:
@@ -212,3 +191,24 @@ def test_training_loop_never_waits_for_the_device(mode):
         torch.cuda.set_sync_debug_mode(0)
     assert checked.count(True) == len(batches)
     assert all(row["train_loss"] > 0 for row in rows)
+
+
+@pytest.mark.parametrize("pipeline", ["device", "torchvision"])
+def test_main_trains_and_resumes_with_the_whole_step_graph(tmp_path, pipeline):
+    """Whole epochs (200 images at batch 32: six steps and a partial batch each), a checkpoint, a resume; with
+    the torchvision pipeline, DataLoader threads pin memory while the step is captured."""
+    data_dir, out_dir = tmp_path / "data", tmp_path / "run"
+    write_fake_cifar(str(data_dir))
+    common = ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--warmup-epochs", "1", "--batch-size", "32",
+              "--compile-mode", "whole-step", "--data-pipeline", pipeline, *TINY_MODEL]
+    first = run_main([*common, "--epochs", "2"])
+    assert first.returncode == 0, first.stderr
+    assert "compile: whole-step" in first.stdout
+    captured = "whole-step: the training step is captured as one CUDA graph (after 3 ordinary steps)"
+    assert first.stdout.count(captured) == 1
+    resumed = run_main([*common, "--epochs", "3", "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.count(captured) == 1
+    rows = (out_dir / "metrics.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[0] for row in rows] == ["1", "2", "3"]
+    assert all(float(row.split(",")[5]) >= 0 for row in rows)  # test_acc written: no non-finite stop
