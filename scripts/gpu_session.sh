@@ -2,8 +2,8 @@
 # Everything this project measures on a lent GPU, in stages that fit the device tool's calls
 # (10 minutes per call, 15 minutes per task, machine start included):
 #
-#   CALL_SECONDS=330 TEST_SECONDS=200 TESTS_K="never_waits or (whole_step and torchvision) or runs_on_cuda_with_compile" \
-#       bash scripts/gpu_session.sh OUT_DIR tests bench            # timeout_s 360
+#   CALL_SECONDS=370 TEST_SECONDS=240 TESTS_K="never_waits or adamw or (whole_step and torchvision) or runs_on_cuda_with_compile" \
+#       bash scripts/gpu_session.sh OUT_DIR tests bench            # timeout_s 400
 #   CALL_SECONDS=540 bash scripts/gpu_session.sh OUT_DIR full         # at once after it, timeout_s 570
 # (On an H100, 2026-11-27: 5 CUDA-graph tests in 150 s, bench 85 s with three rows of 390 steps, full 379 s;
 # the start and both calls held the machine 675 s of the task's 900.)

@@ -109,10 +109,13 @@ def test_attention_backends_script_times_every_row(capsys):
     assert all(row.endswith(" ms") or "not available" in row for row in rows)
 
 
-def test_whole_step_graph_trains_like_reduce_overhead():
+@pytest.mark.parametrize("flags", [[], ["--optimizer", "adamw", "--precision", "fp32", "--attention", "math"]],
+                         ids=["defaults", "adamw-fp32-math"])
+def test_whole_step_graph_trains_like_reduce_overhead(flags):
     """The same weights and batches (full ones, a partial one that takes the ordinary step between replays,
     changing learning rates): the one-graph step gives reduce-overhead's losses and weights, and the graph was
-    captured and replayed."""
+    captured and replayed; also with the other optimizer, precision and attention, which `auto` graphs the same
+    way."""
     import main
     import trainer
     torch.manual_seed(0)
@@ -121,7 +124,7 @@ def test_whole_step_graph_trains_like_reduce_overhead():
     sizes = [64] * 6 + [40] + [64] * 3
     runners, losses = {}, {}
     for mode in ("reduce-overhead", "whole-step"):
-        runner = trainer.Trainer(main.parse_args(["--device", "cuda", *TINY_MODEL, "--compile-mode", mode,
+        runner = trainer.Trainer(main.parse_args(["--device", "cuda", *TINY_MODEL, "--compile-mode", mode, *flags,
                                                   "--batch-size", "64", "--out-dir", "/tmp/cuda-test"]))
         runner.build(10)
         losses[mode] = torch.stack([runner.train_step(images[step, :size], labels[step, :size],
