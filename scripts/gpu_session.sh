@@ -11,7 +11,8 @@
 # Stages (any order, any subset; run from the repository root with .device/ carried, see README):
 #   bench     bench.py: reference, fast (defaults: the whole step, Adam included, as one CUDA graph), and fast
 #             with --compile-mode reduce-overhead (forward and backward graphed, Adam on the host), profiled
-#   full      the 200-epoch default recipe (`python3 main.py`, no flags but the folders)
+#   full      the 200-epoch default recipe (`python3 main.py`, no flags but the folders and FULL_FLAGS, e.g.
+#             FULL_FLAGS="--compile-mode reduce-overhead" should the tests show the default's graph broken)
 #   tests     the CUDA tests: tests/test_cuda.py and the CUDA cases of tests/test_augment.py (TESTS_K: another
 #             pytest -k expression, e.g. "whole_step or reduce_overhead" for the CUDA-graph ones alone)
 #   torchrun  issue 4: `torchrun --nproc_per_node=1 main.py` against `python main.py`, same flags, 3 epochs each
@@ -93,7 +94,7 @@ for stage in "$@"; do
         echo "bench: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/bench.log" ;;
     full)
         timeout "$(limit "${FULL_RUN_SECONDS:-480}")" python3 main.py --data-dir "$data_dir" --out-dir /tmp/full \
-            > "$work/full_run.log" 2>&1
+            ${FULL_FLAGS:-} > "$work/full_run.log" 2>&1
         echo "full run: exit $?, $(( $(date +%s) - start )) s wall (model build, compile and final report included)" \
             | tee -a "$work/full_run.log"
         for f in metrics.csv results.png attention.png confusion.png per_class.csv; do cp "/tmp/full/$f" "$work/" 2>/dev/null; done ;;
