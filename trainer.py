@@ -732,13 +732,15 @@ class Trainer:
             raise self.malformed_state_error(error) from None
 
     def load_optimizer_state(self, saved):
-        """The checkpoint's optimizer state, with this run's implementation flags: load_state_dict would otherwise
-        take fused/foreach/capturable from the checkpoint (a run saved on a CPU would resume on a GPU unfused, its
-        step counts on the CPU, which a captured Adam step cannot read) and place the step counts by them."""
+        """The checkpoint's optimizer state (step counts and moments) with every setting of this run's optimizer:
+        load_state_dict would take the settings from the checkpoint too, so a resume with a new --weight-decay,
+        --beta1/--beta2 or --optimizer (Adam's L2 or AdamW's decoupled decay) would keep the old ones, and a run
+        saved on a CPU would resume on a GPU unfused, its step counts on the CPU, where a captured Adam step
+        cannot read them."""
         ours = self.optimizer.param_groups
         if len(saved["param_groups"]) != len(ours):  # zip below would drop the extra ones
             raise ValueError("optimizer state with another number of parameter groups")
-        groups = [{**group, **{flag: own[flag] for flag in ("fused", "foreach", "capturable")}}
+        groups = [{**{key: value for key, value in own.items() if key != "params"}, "params": group["params"]}
                   for group, own in zip(saved["param_groups"], ours)]
         self.optimizer.load_state_dict({**saved, "param_groups": groups})
 

@@ -55,16 +55,23 @@ def test_whole_step_mode_needs_cuda_and_compile():
     assert runner.step_graph is None and runner.compile_label() == "off"
 
 
-def test_a_resumed_optimizer_keeps_this_runs_implementation_flags():
-    """An optimizer state saved where Adam was fused and capturable loads with this run's flags: load_state_dict
-    alone would take them from the checkpoint (and a CPU run resumed on a GPU would stay unfused, its step counts
-    on the CPU, where a captured Adam step cannot read them)."""
-    source, target = built_trainer(), built_trainer()
+def test_a_resumed_optimizer_keeps_this_runs_settings_and_the_checkpoints_moments():
+    """An optimizer state saved by AdamW (weight decay 0.05), fused and capturable, loads into this run's Adam
+    with its own settings: load_state_dict alone would take them all from the checkpoint (a changed
+    --weight-decay, --beta1 or --optimizer would be ignored, and a CPU run resumed on a GPU would stay unfused,
+    its step counts on the CPU, where a captured Adam step cannot read them). The moments are the checkpoint's."""
+    source = built_trainer([*FLAGS, "--optimizer", "adamw", "--weight-decay", "0.05"])
+    target = built_trainer([*FLAGS, "--weight-decay", "0", "--beta1", "0.8"])
     source.train_step(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8), torch.arange(8), 1e-3)
     saved = source.optimizer.state_dict()
     for group in saved["param_groups"]:
         group.update(fused=True, capturable=True)
+    expected = [{key: value for key, value in group.items() if key != "params"}
+                for group in target.optimizer.param_groups]
     target.load_optimizer_state(saved)
-    assert [(group["fused"], group["capturable"]) for group in target.optimizer.param_groups] == [(False, False)]
+    loaded = [{key: value for key, value in group.items() if key != "params"} for group in target.optimizer.param_groups]
+    assert loaded == expected
+    assert [(group["weight_decay"], group["betas"], group["fused"]) for group in loaded] == [(0.0, (0.8, 0.999), False)]
+    assert not loaded[0].get("decoupled_weight_decay", False)  # torch's Adam does AdamW's decay with this set
     for mine, theirs in zip(target.model.parameters(), source.model.parameters()):
         assert torch.equal(target.optimizer.state[mine]["exp_avg"], source.optimizer.state[theirs]["exp_avg"])
