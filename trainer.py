@@ -215,8 +215,13 @@ class StepGraph:
         # The model was compiled during the warm-up: a compilation during the capture would fail. thread_local:
         # the torchvision pipeline's pin-memory thread may touch CUDA meanwhile, which is no part of the step.
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.outputs = self.body()
+        try:
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.outputs = self.body()
+        except Exception as error:  # any failure has the one remedy; the weights are as the warm-up left them
+            reason = (str(error).strip().splitlines() or [""])[0]
+            raise TrainingStopped(f"capturing the training step as one CUDA graph failed ({type(error).__name__}: "
+                                  f"{reason}): run with --compile-mode reduce-overhead instead") from error
         self.graph = graph  # only a capture that succeeded is replayed
         self.trainer.log(f"whole-step: the training step is captured as one CUDA graph (after {self.warmup_steps} "
                          f"ordinary steps); full batches replay it")

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import main
 import trainer
 
 CPU = torch.device("cpu")
@@ -47,6 +48,8 @@ def test_auto_compile_mode_graphs_one_process_only():
     assert trainer.resolve_compile_mode("default", 1, "device") == "default"
     assert trainer.resolve_compile_mode("reduce-overhead", 1, "device") == "reduce-overhead"
     assert trainer.resolve_compile_mode("whole-step", 1, "torchvision") == "whole-step"
+    for pipeline, mode in (("device", "whole-step"), ("torchvision", "reduce-overhead")):  # the Trainer's wiring
+        assert trainer.Trainer(main.parse_args(["--device", "cpu", "--data-pipeline", pipeline])).compile_mode == mode
 
 
 @pytest.mark.parametrize("mode", ["reduce-overhead", "whole-step"])

@@ -1,5 +1,8 @@
 """--compile-mode whole-step on a CPU: StepGraph's body without the capture (which needs CUDA; its CUDA tests
 are in test_cuda.py) against the ordinary step."""
+import contextlib
+
+import pytest
 import torch
 
 import data
@@ -28,12 +31,17 @@ def test_whole_step_body_takes_the_ordinary_steps(fake_cifar10):
     graphed.optimizer.register_step_pre_hook(lambda optimizer, *_: learning_rates.append(optimizer.param_groups[0]["lr"]))
     batches = [*loader.epoch(1), *loader.epoch(2), next(iter(loader.epoch(3)))]  # ends on a graph step
     assert [len(labels) for _, labels in batches] == [8, 8, 8, 8, 8, 4] * 2 + [8]
+    static_inputs = set()  # a captured graph reads the memory it was captured with: the same buffers every step
     for step, (images, labels) in enumerate(batches):
         lr = 1e-3 * (1 + step % 3)  # a graph that kept its first learning rate would drift from the ordinary steps
         expected_loss, expected_correct = ordinary.train_step(images, labels, lr)
         loss, correct = graphed.train_step(images, labels, lr)
         assert torch.allclose(loss, expected_loss, rtol=1e-5, atol=1e-6), step
         assert correct == expected_correct
+        if graphed.step_graph.images is not None:
+            static_inputs.add(tuple(t.data_ptr() for t in (graphed.step_graph.images, graphed.step_graph.labels,
+                                                          graphed.step_graph.lr)))
+    assert len(static_inputs) == 1
     assert graphed.step_graph.replays == 11 - 2  # every full batch after the two warm-up steps
     assert [lr is graphed.step_graph.lr for lr in learning_rates] == [False, False, True, True, True, False,
                                                                      True, True, True, True, True, False, True]
@@ -47,6 +55,26 @@ def test_whole_step_body_takes_the_ordinary_steps(fake_cifar10):
     assert [(type(group["lr"]), group["lr"], group["capturable"]) for group in graphed_state["param_groups"]] == [
         (float, lr, False)]
     assert all(parameter.grad is None for parameter in graphed.model.parameters())
+
+
+def test_a_failed_capture_stops_the_run_naming_the_mode_to_use_instead(monkeypatch):
+    """A capture that fails (another GPU, driver or torch) ends the run with one line, not a traceback."""
+    runner = built_trainer()
+    runner.step_graph = trainer.StepGraph(runner, 8, warmup_steps=0)
+
+    @contextlib.contextmanager
+    def failing_capture(graph, capture_error_mode):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nCUDA kernel errors ...")
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", failing_capture)
+    with pytest.raises(trainer.TrainingStopped) as stopped:
+        runner.train_step(torch.zeros(8, 3, 32, 32, dtype=torch.uint8), torch.arange(8), 1e-3)
+    assert str(stopped.value) == ("capturing the training step as one CUDA graph failed (RuntimeError: CUDA error: "
+                                  "operation not permitted when stream is capturing): run with --compile-mode "
+                                  "reduce-overhead instead")
+    assert stopped.value.exit_code == 1 and runner.step_graph.graph is None
 
 
 def test_whole_step_mode_needs_cuda_and_compile():
