@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Packs the lossless CIFAR-10 folder into three parts small enough for the device tool, which carries
-# at most 64 MiB per call (184 MB raw; about 139 MB as tar.xz, so three parts of about 46 MB):
+# at most 64 MiB per call (186 MB raw; about 140 MB as tar.xz, so three parts of about 46 MB):
 #
 #   bash scripts/split_lossless.sh ../shared/data      # writes .lossless/cifar10.tar.xz.part-0{0,1,2} and SHA256
 #
