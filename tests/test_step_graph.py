@@ -94,10 +94,12 @@ def test_a_resumed_optimizer_keeps_this_runs_settings_and_the_checkpoints_moment
     saved = source.optimizer.state_dict()
     for group in saved["param_groups"]:
         group.update(fused=True, capturable=True)
-    expected = [{key: value for key, value in group.items() if key != "params"}
-                for group in target.optimizer.param_groups]
+    def settings(optimizer):
+        return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+
+    expected = settings(target.optimizer)
     target.load_optimizer_state(saved)
-    loaded = [{key: value for key, value in group.items() if key != "params"} for group in target.optimizer.param_groups]
+    loaded = settings(target.optimizer)
     assert loaded == expected
     assert [(group["weight_decay"], group["betas"], group["fused"]) for group in loaded] == [(0.0, (0.8, 0.999), False)]
     assert not loaded[0].get("decoupled_weight_decay", False)  # torch's Adam does AdamW's decay with this set
