@@ -99,7 +99,8 @@ def bench_training(name, flags, cifar, opts):
     eval_ips = len(test_images) / (time.perf_counter() - start)
 
     epoch_seconds = len(cifar.train_images) / train_ips + 10_000 / eval_ips
-    result = {"config": name, "flags": " ".join(flags) or "(defaults)", "parameters": count_parameters(trainer.model),
+    result = {"config": name, "flags": " ".join(flags) or "(defaults)", "settings": trainer.settings_label(),
+              "parameters": count_parameters(trainer.model),
               "train_images_per_s": train_ips, "eval_images_per_s": eval_ips, "peak_memory_mib": peak_memory_mib(device),
               "projected_epoch_s": epoch_seconds, "projected_200_epochs_min": 200 * epoch_seconds / 60}
     if device.type == "cuda":
@@ -212,7 +213,8 @@ def print_table(results, augmentation, header):
             continue
         print(f"{r['config']:<10} {r['train_images_per_s']:>12,.0f} {r['train_images_per_s'] / reference_ips:>7.1f}x "
               f"{r['eval_images_per_s']:>11,.0f} {r['peak_memory_mib']:>9,.0f} {r['projected_epoch_s']:>8.1f} "
-              f"{r['projected_200_epochs_min']:>11.1f} {r.get('train_tflops', float('nan')):>8.1f}  {r['flags']}")
+              f"{r['projected_200_epochs_min']:>11.1f} {r.get('train_tflops', float('nan')):>8.1f}  {r['flags']} "
+              f"({r['settings']})")
     for r in results:
         if "profile" in r:
             print(f"profile {r['profile']['summary']} ({r['profile']['table']})")

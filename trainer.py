@@ -301,6 +301,11 @@ class Trainer:
             return "off"
         return self.compile_mode
 
+    def settings_label(self) -> str:
+        """How this run computes, as the log's `model:` line and bench.py's rows state it."""
+        return (f"pipeline: {self.args.data_pipeline} | precision: {'bf16' if self.amp_dtype else 'fp32'} | "
+                f"attention: {self.attention} | compile: {self.compile_label()}")
+
     def make_train_loader(self, cifar: data.Cifar):
         args, batch_size = self.args, self.args.batch_size  # global: EpochBatches splits it
         if args.data_pipeline == "device":
@@ -406,9 +411,7 @@ class Trainer:
         self.warn_if_on_cpu()
         self.log(f"model: {count_parameters(self.model):,} parameters | data: {args.dataset}, "
                  f"{len(cifar.train_images):,} train / {len(cifar.test_images):,} test | device: {self.device}"
-                 f"{f' x{self.world} processes' if self.world > 1 else ''} | pipeline: {args.data_pipeline} | "
-                 f"precision: {'bf16' if self.amp_dtype else 'fp32'} | attention: {self.attention} | "
-                 f"compile: {self.compile_label()}")
+                 f"{f' x{self.world} processes' if self.world > 1 else ''} | {self.settings_label()}")
         test_images = cifar.test_images.to(self.device)
         test_labels = cifar.test_labels.to(self.device)
         run_start, predictions = time.time(), None

@@ -10,6 +10,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
+import trainer
 from conftest import ROOT, load_script
 from models import ViTConfig, VisionTransformer
 
@@ -38,6 +39,12 @@ def test_bench_rows_json_and_profiles(tmp_path, fake_cifar10):
     assert [r["config"] for r in rows] == ["reference", "fast", "fast-2"]
     assert rows[0]["flags"] == " ".join(bench.REFERENCE_FLAGS)
     assert rows[2]["flags"] == "--attention math --precision bf16"
+    bf16 = trainer.native_bf16(torch.device("cpu"))  # the defaults' precision and attention on this CPU
+    assert [r["settings"] for r in rows] == [  # what "(defaults)" resolved to, kept beside the numbers
+        "pipeline: torchvision | precision: fp32 | attention: math | compile: off",
+        f"pipeline: device | precision: {'bf16' if bf16 else 'fp32'} | attention: {'math' if bf16 else 'sdpa'} | "
+        f"compile: off",
+        "pipeline: device | precision: bf16 | attention: math | compile: off"]
     for r in rows:
         assert r["train_images_per_s"] > 0 and r["eval_images_per_s"] > 0
         assert r["profile"]["steps"] == 2
@@ -47,6 +54,7 @@ def test_bench_rows_json_and_profiles(tmp_path, fake_cifar10):
     assert result["augmentation"]["images"] == 40
     printed = run.stdout
     assert "fast-2" in printed and "vs ref." in printed and "profile fast-2" in printed
+    assert "--attention math --precision bf16 (pipeline: device | precision: bf16 | attention: math | compile: off)" in printed
 
 
 def test_a_failing_row_is_recorded_and_the_others_still_run(tmp_path, fake_cifar10, capsys, monkeypatch):
