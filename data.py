@@ -265,14 +265,27 @@ class TorchvisionTrainLoader:
 
     def epoch(self, epoch: int):
         plan = EpochBatches(self.num_samples, self.batch_size, self.seed, epoch, self.rank, self.world)
-        # The generator seeds each worker process. With no workers DataLoader does not use it for the draws,
-        # which then come from this process's global RNG: seeded below (per epoch, so a resume repeats them).
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch, self.rank))
+        seed = epoch_seed(self.seed, epoch, self.rank)
+        # The generator seeds each worker process; with no workers the transforms draw in this process instead.
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=plan, num_workers=self.workers,
-                                             pin_memory=self.pin_memory, generator=generator, collate_fn=_collate)
-        if self.workers == 0:
-            torch.manual_seed(epoch_seed(self.seed, epoch, self.rank))
-        yield from loader
+                                             pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(seed),
+                                             collate_fn=_collate)
+        yield from (loader if self.workers else self._drawn_apart(loader, seed))
+
+    @staticmethod
+    def _drawn_apart(loader, seed):
+        """The batches of a loader without workers, whose transforms draw from the global CPU RNG, each fetched
+        on an RNG state of its own (seeded per epoch): dropout, which draws from that RNG too, then neither
+        changes the augmentation nor is changed by it, so a resume that skips steps repeats both."""
+        state, batches = torch.Generator().manual_seed(seed).get_state(), iter(loader)
+        while True:
+            with torch.random.fork_rng(devices=[]):
+                torch.set_rng_state(state)
+                batch = next(batches, None)
+                state = torch.get_rng_state()
+            if batch is None:
+                return
+            yield batch
 
 
 def default_workers() -> int:

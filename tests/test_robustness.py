@@ -315,30 +315,33 @@ def assert_same_run(dir_a, dir_b):
     assert comparable(rows_a) == comparable(rows_b)
 
 
-@pytest.mark.parametrize("dropout, at_epoch, at_step", [
-    ("0.0", 2, 5),     # mid-epoch, deterministic model: the data order and augmentation must match
-    ("0.1", 2, 5),     # dropout draws from the global RNG: its state must be restored too
-    ("0.1", 1, 13),    # the signal in the last step of an epoch: the resumed run skips the whole epoch
-    ("0.1", 3, 1),     # after the first step of the last epoch
+@pytest.mark.parametrize("dropout, at_epoch, at_step, pipeline", [
+    ("0.0", 2, 5, "device"),       # mid-epoch, deterministic model: the data order and augmentation must match
+    ("0.1", 2, 5, "device"),       # dropout draws from the global RNG: its state must be restored too
+    ("0.1", 1, 13, "device"),      # the signal in the last step of an epoch: the resumed run skips the whole epoch
+    ("0.1", 3, 1, "device"),       # after the first step of the last epoch
+    ("0.1", 2, 5, "torchvision"),  # no workers: the PIL transforms draw in this process, beside dropout
 ])
 def test_signal_at_a_given_step_then_resume_is_bit_identical(tmp_path, fake_data, cli, monkeypatch, dropout,
-                                                               at_epoch, at_step):
+                                                               at_epoch, at_step, pipeline):
     """In this process, SIGTERM is sent to itself while step `at_step` of epoch `at_epoch` runs."""
-    common = train_args(fake_data, tmp_path, "--dropout", dropout, "--warmup-epochs", "1", epochs=3)
+    common = train_args(fake_data, tmp_path, "--dropout", dropout, "--warmup-epochs", "1", "--data-pipeline",
+                        pipeline, "--workers", "0", epochs=3)
     straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
     status, out, err = cli([*common, "--out-dir", straight_dir])
     assert status == 0, err
 
-    real_epoch = data.DeviceTrainLoader.epoch
+    loader_class = data.DeviceTrainLoader if pipeline == "device" else data.TorchvisionTrainLoader
+    real_epoch = loader_class.epoch
 
     def epoch_with_signal(self, epoch):
         for step, batch in enumerate(real_epoch(self, epoch), start=1):
             if (epoch, step) == (at_epoch, at_step):
                 os.kill(os.getpid(), signal.SIGTERM)
             yield batch
-    monkeypatch.setattr(data.DeviceTrainLoader, "epoch", epoch_with_signal)
+    monkeypatch.setattr(loader_class, "epoch", epoch_with_signal)
     status, out, err = cli([*common, "--out-dir", resumed_dir])
-    monkeypatch.setattr(data.DeviceTrainLoader, "epoch", real_epoch)
+    monkeypatch.setattr(loader_class, "epoch", real_epoch)
     assert status == 128 + signal.SIGTERM
     one_line_error(err, f"stopped by SIGTERM at epoch {at_epoch}, step {at_step}; saved ", "--resume auto")
     assert "received SIGTERM" in out
