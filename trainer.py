@@ -426,6 +426,8 @@ class Trainer:
                     raise self.non_finite_error("test loss after the update", epoch, steps_per_epoch)
                 row.update(test_loss=test_loss, test_acc=test_acc, epoch_seconds=time.time() - epoch_start)
                 self.end_epoch(row)
+                if self.stop_requested(0):  # a signal during the evaluation or the epoch's writes
+                    self.stop(epoch)
         except TrainingStopped:
             self.flush_deferred_outputs()
             raise
@@ -725,7 +727,12 @@ class Trainer:
         try:
             self.load_optimizer_state(state["optimizer"])
             self.history = list(state["history"])
+            if not all(isinstance(row, dict) and all(isinstance(row.get(k), (int, float)) for k in METRIC_FIELDS)
+                       for row in self.history):
+                raise ValueError("a history row lacks a metrics.csv field or holds a non-number")
             self.best_acc, self.best_epoch = state["best_acc"], state["best_epoch"]
+            if not isinstance(self.best_acc, (int, float)) or not isinstance(self.best_epoch, int):
+                raise ValueError("best_acc or best_epoch is not a number")
             torch.set_rng_state(state["rng"]["torch"])
             if self.use_cuda and "cuda" in state["rng"]:
                 torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
@@ -755,7 +762,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------ signals
 
     def install_signal_handlers(self):
-        self._previous_handlers = {}
+        self._previous_handlers, self._handler_pid = {}, os.getpid()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             try:
                 self._previous_handlers[signum] = signal.signal(signum, self.on_signal)
@@ -767,8 +774,8 @@ class Trainer:
             signal.signal(signum, handler)
 
     def on_signal(self, signum, frame):
-        if signum == signal.SIGHUP:
-            return  # a closed SSH session must not end a nohup'd run
+        if signum == signal.SIGHUP or os.getpid() != self._handler_pid:
+            return  # a closed SSH session must not end a nohup'd run; DataLoader workers inherit the handler
         if self.stop_signal is not None:
             os._exit(128 + signum)
         self.stop_signal = signum
@@ -778,12 +785,18 @@ class Trainer:
 
     def stop_mid_epoch(self, epoch, steps_done, sums, seconds):
         position = {"epoch": epoch, "step": steps_done, "sums": self.all_reduce(sums.clone()).cpu(), "seconds": seconds}
+        self.stop(epoch, position)
+
+    def stop(self, epoch, position=None):
+        """Ends a run that a signal asked to stop: last.pt where it stands (in epoch `epoch` at `position`, or
+        after it), and the command that continues it."""
         if self.is_main:
-            self.save(self.state(epoch - 1, position), "last.pt")
+            self.save(self.state(epoch - 1 if position else epoch, position), "last.pt")
+        where = f"at epoch {epoch}, step {position['step']}" if position else f"after epoch {epoch}"
         command = shlex.join(argv_without_resume(sys.argv))
-        raise TrainingStopped(f"stopped by {signal.Signals(self.stop_signal).name} at epoch {epoch}, step {steps_done}; "
-                              f"saved {self.last_checkpoint}; continue with: "
-                              f"python {command} --resume auto", 128 + self.stop_signal)
+        raise TrainingStopped(f"stopped by {signal.Signals(self.stop_signal).name} {where}; saved "
+                              f"{self.last_checkpoint}; continue with: python {command} --resume auto",
+                              128 + self.stop_signal)
 
     # ------------------------------------------------------------------------------------ eval-only
 

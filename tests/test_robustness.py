@@ -352,6 +352,54 @@ def test_signal_at_a_given_step_then_resume_is_bit_identical(tmp_path, fake_data
     assert_same_run(straight_dir, resumed_dir)
 
 
+@pytest.mark.parametrize("at_epoch", [2, 3])
+def test_signal_during_the_evaluation_stops_after_the_epoch_and_resume_is_bit_identical(tmp_path, fake_data, cli,
+                                                                                       monkeypatch, at_epoch):
+    """A signal that arrives while an epoch is evaluated (no training step left to finish it) stops the run at
+    the epoch's end with last.pt saved there, the last epoch's too: not one more step, not a silent finish."""
+    common = train_args(fake_data, tmp_path, "--dropout", "0.1", "--warmup-epochs", "1", epochs=3)
+    straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    status, out, err = cli([*common, "--out-dir", straight_dir])
+    assert status == 0, err
+
+    real_evaluate, evaluations = trainer.Trainer.evaluate, []
+
+    def evaluate_with_signal(self, *args, **kwargs):
+        evaluations.append(1)
+        if len(evaluations) == at_epoch:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_evaluate(self, *args, **kwargs)
+    monkeypatch.setattr(trainer.Trainer, "evaluate", evaluate_with_signal)
+    status, out, err = cli([*common, "--out-dir", resumed_dir])
+    monkeypatch.setattr(trainer.Trainer, "evaluate", real_evaluate)
+    assert status == 128 + signal.SIGTERM
+    one_line_error(err, f"stopped by SIGTERM after epoch {at_epoch}; saved ", "--resume auto")
+    saved = torch.load(os.path.join(resumed_dir, "checkpoints", "last.pt"), weights_only=True)
+    assert saved["epoch"] == at_epoch and saved["scheduler"]["position"] is None
+    assert [r["epoch"] for r in metric_rows(resumed_dir)] == [str(e) for e in range(1, at_epoch + 1)]
+
+    status, out, err = cli([*common, "--out-dir", resumed_dir, "--resume", "auto"])
+    assert status == 0, err
+    assert_same_run(straight_dir, resumed_dir)
+
+
+def test_signal_handlers_act_only_in_the_process_that_installed_them(monkeypatch, capsys):
+    """DataLoader workers are forked with the handler installed: a Ctrl-C, sent to the whole process group,
+    must be acted on (and announced) once, by the training process."""
+    runner = trainer.Trainer(main.parse_args(["--device", "cpu"]))
+    runner.install_signal_handlers()
+    try:
+        real_pid = os.getpid()
+        monkeypatch.setattr(os, "getpid", lambda: real_pid + 1)  # as in a forked worker
+        runner.on_signal(signal.SIGINT, None)
+        assert runner.stop_signal is None and capsys.readouterr().out == ""
+        monkeypatch.setattr(os, "getpid", lambda: real_pid)
+        runner.on_signal(signal.SIGINT, None)
+        assert runner.stop_signal == signal.SIGINT and "received SIGINT" in capsys.readouterr().out
+    finally:
+        runner.restore_signal_handlers()
+
+
 def test_sigterm_to_main_py_then_resume_auto_is_bit_identical(tmp_path, signal_data):
     common = [*TINY, "--data-dir", signal_data, "--epochs", "3", "--warmup-epochs", "1", "--batch-size", "8",
               "--dropout", "0.1"]  # the default device pipeline, with its per-epoch augmentation seeds
@@ -645,6 +693,14 @@ def make_checkpoint(kind, good, path, marker):
         state = _state(good)
         state["rng"] = {"torch": "not a generator state"}
         torch.save(state, path)
+    elif kind == "history without metrics":
+        state = _state(good)
+        state["history"] = [{"epoch": 1}]
+        torch.save(state, path)
+    elif kind == "best accuracy as text":
+        state = _state(good)
+        state["best_acc"] = "0.5"
+        torch.save(state, path)
     else:
         raise ValueError(kind)
 
@@ -664,6 +720,8 @@ CHECKPOINT_CASES = {  # kind: (message fragment with --resume, with --eval-only,
     "invalid model_config": ("has an invalid model_config (hidden size 32 is not divisible by 5 heads",) * 2 + (True,),
     "no training state": ("holds a model but no training state", None, True),
     "malformed training state": ("has a malformed training state", None, False),
+    "history without metrics": ("has a malformed training state", None, False),  # else a traceback an epoch later
+    "best accuracy as text": ("has a malformed training state", None, False),
 }
 
 
