@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from checkpoint import CheckpointError, load_model, probe_writable
 from cli import OneLineErrors
@@ -41,11 +41,30 @@ class Prediction:
     error: str = None  # why the image could not be read
 
 
+def to_8bit_gray(image: Image.Image) -> Image.Image:
+    """A 16- or 32-bit integer ("I;16", "I": 16-bit PNG, PGM) or float ("F") grayscale image as 8-bit L, or LA
+    where a transparent gray value is set: convert("RGB") would clip it to white or black. Integers are read
+    in the 16-bit range; floats up to 1 are scaled to 0..255, others clipped to it."""
+    pixels = np.asarray(image)
+    if image.mode == "F":
+        gray = pixels * 255 if pixels.size and pixels.max() <= 1 else pixels
+    else:
+        gray = np.clip(pixels.astype(np.int64), 0, 65535) >> 8
+    result = Image.fromarray(np.clip(gray, 0, 255).astype(np.uint8))
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, int):
+        alpha = Image.fromarray(np.where(pixels == transparent, 0, 255).astype(np.uint8))
+        result = Image.merge("LA", (result, alpha))
+    return result
+
+
 def load_image(path: str, size: int) -> torch.Tensor:
-    """A picture file -> uint8 [3, size, size]. Raises OSError, ValueError or DecompressionBombError."""
+    """A picture file -> uint8 [3, size, size], upright as its EXIF orientation says (as phone photos are
+    stored). Raises OSError, ValueError or DecompressionBombError."""
     with Image.open(path) as image:
-        if image.mode.startswith("I;16"):  # 16-bit grayscale: convert("RGB") would clip it to white
-            image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
+        image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I") or image.mode == "F":
+            image = to_8bit_gray(image)
         if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
             image = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image.convert("RGBA"))
         image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)

@@ -88,6 +88,36 @@ def test_transparent_pixels_of_an_rgba_png_become_white(tmp_path, model):
     assert result.image[:, :, 16:].reshape(3, -1).T.unique(dim=0).tolist() == [[255, 255, 255]]
 
 
+def test_high_bit_depth_grayscale_keeps_its_tones(tmp_path, model):
+    """16-bit PNG (I;16), 16-bit PGM (read as 32-bit I) and a float TIFF in 0..1 (F): convert("RGB") alone
+    would make them white or black. A 16-bit PNG's transparent gray value turns white like an RGBA's alpha."""
+    ramp16 = np.tile(np.arange(0, 65536, 2048, dtype=np.uint16), (32, 1))  # 32 tones, 0 .. 63488
+    expected = np.tile(np.arange(0, 256, 8, dtype=np.uint8), (32, 1))  # their top 8 bits
+    paths = [save_image(tmp_path / "gray16.png", ramp16), save_image(tmp_path / "gray16.pgm", ramp16),
+             save_image(tmp_path / "float.tiff", (ramp16 / 65535).astype(np.float32))]
+    with Image.open(paths[1]) as pgm, Image.open(paths[2]) as tiff:
+        assert (pgm.mode, tiff.mode) == ("I", "F")
+    for result, tolerance in zip(predict.predict_images(model, CLASSES, paths), (0, 0, 1)):
+        assert result.error is None and len(result.top) == 5, result.path
+        for channel in result.image:
+            assert np.abs(channel.numpy().astype(int) - expected).max() <= tolerance, result.path  # float rounding
+
+    transparent = tmp_path / "transparent16.png"
+    Image.fromarray(ramp16).save(transparent, transparency=0)  # the first column (0) is transparent
+    [result] = predict.predict_images(model, CLASSES, [str(transparent)])
+    assert (result.image[:, :, 0] == 255).all() and torch.equal(result.image[0, :, 1:], torch.from_numpy(expected[:, 1:]))
+
+
+def test_a_photo_stored_sideways_is_turned_upright_by_its_exif_orientation(tmp_path, model):
+    pixels = random_pixels(32, 32)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the stored picture must be turned 90 degrees clockwise to be upright
+    path = tmp_path / "sideways.png"
+    Image.fromarray(np.rot90(pixels).copy()).save(path, exif=exif)  # stored turned 90 degrees anticlockwise
+    [result] = predict.predict_images(model, CLASSES, [str(path)])
+    assert torch.equal(result.image, torch.from_numpy(pixels).permute(2, 0, 1))
+
+
 def test_palette_image_is_read_as_its_colours(tmp_path, model):
     path = tmp_path / "palette.png"
     Image.fromarray(random_pixels(32, 32)).quantize(colors=16).save(path)
