@@ -86,7 +86,7 @@ def _read_folder(name: str, folder: str) -> Cifar:
         meta_file, label_key, names_key = "meta", b"fine_labels", b"fine_label_names"
     meta = _unpickle(folder, meta_file)
     try:
-        classes = [c.decode() for c in meta[names_key]]
+        classes = [c if isinstance(c, str) else c.decode() for c in meta[names_key]]
     except (KeyError, TypeError, AttributeError, UnicodeDecodeError):
         raise DataError(f"{os.path.join(folder, meta_file)} has no list of class names under {names_key!r}: "
                         f"replace it with the file from the official archive") from None
@@ -105,7 +105,10 @@ def _unpickle(folder: str, file: str) -> dict:
                         f"or delete {folder} so it is downloaded")
     try:
         with open(path, "rb") as f:
-            return _ArrayUnpickler(f, encoding="bytes").load()
+            loaded = _ArrayUnpickler(f, encoding="bytes").load()
+        if isinstance(loaded, dict):  # a copy re-pickled by Python 3 has str keys, the official one bytes
+            loaded = {key.encode() if isinstance(key, str) else key: value for key, value in loaded.items()}
+        return loaded
     except _RefusedPickle as error:
         raise DataError(f"{path} is not a CIFAR batch ({error}); nothing in it was run: "
                         f"replace it with the file from the official archive") from None
@@ -144,9 +147,12 @@ def _read_batches(folder: str, files: list, label_key: bytes, num_classes: int):
             raise DataError(f"{path} has no {b'data'!r} or {label_key!r} entry: not a CIFAR batch file")
         data = np.asarray(batch[b"data"])
         try:
-            batch_labels = np.asarray(batch[label_key], dtype=np.int64).reshape(-1)
-        except (TypeError, ValueError):
-            raise DataError(f"{path}: its {label_key!r} are not integer class labels") from None
+            batch_labels = np.asarray(batch[label_key]).reshape(-1)
+        except (TypeError, ValueError, OverflowError):
+            batch_labels = None
+        if batch_labels is None or batch_labels.size and batch_labels.dtype.kind not in "iu":  # 5.5 would become 5
+            raise DataError(f"{path}: its {label_key!r} are not integer class labels")
+        batch_labels = batch_labels.astype(np.int64)  # a uint64 too large for it turns negative: out of range below
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch_labels):
             raise DataError(f"{path} holds data of shape {data.shape} and dtype {data.dtype} with "
                             f"{len(batch_labels)} labels; expected uint8 [N, 3072] with N labels")

@@ -69,6 +69,26 @@ def test_load_cifar100_uses_fine_labels_and_names(tmp_path):
     assert int(cifar.test_labels[0]) == 87
 
 
+def test_a_copy_re_pickled_with_str_keys_reads_as_the_official_one(tmp_path):
+    """Python 3 re-pickles a loaded batch with str keys and names (the official files have bytes)."""
+    official, repacked = str(tmp_path / "official"), str(tmp_path / "repacked")
+    for root in (official, repacked):
+        folder = write_fake_cifar(root)
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        batch = {key.decode(): ([v.decode() for v in value] if key == b"label_names" else value)
+                 for key, value in batch.items()}
+        with open(path, "wb") as f:
+            pickle.dump(batch, f)
+    expected, loaded = data.load_cifar("cifar10", official, download=False), data.load_cifar("cifar10", repacked,
+                                                                                              download=False)
+    assert loaded.classes == expected.classes == [f"class{i}" for i in range(10)]
+    for field in ("train_images", "train_labels", "test_images", "test_labels"):
+        assert torch.equal(getattr(loaded, field), getattr(expected, field)), field
+
+
 def test_unknown_dataset_is_a_data_error(tmp_path):
     with pytest.raises(data.DataError, match="unknown dataset 'imagenet'"):
         data.load_cifar("imagenet", str(tmp_path))

@@ -867,6 +867,10 @@ def make_data(kind, folder, marker):
         _rewrite_batch(folder, "test_batch", lambda b: {**b, b"labels": [-1] + b[b"labels"][1:]})
     elif kind == "labels not integers":
         _rewrite_batch(folder, "data_batch_1", lambda b: {**b, b"labels": ["cat"] * len(b[b"labels"])})
+    elif kind == "fractional labels":
+        _rewrite_batch(folder, "data_batch_1", lambda b: {**b, b"labels": [0.5] * len(b[b"labels"])})
+    elif kind == "labels beyond 64 bits":
+        _rewrite_batch(folder, "data_batch_1", lambda b: {**b, b"labels": [2 ** 64] * len(b[b"labels"])})
     elif kind == "fewer labels than images":
         _rewrite_batch(folder, "data_batch_5", lambda b: {**b, b"labels": b[b"labels"][:-1]})
     elif kind == "not a dict":
@@ -892,6 +896,8 @@ DATA_CASES = {
     "labels out of range": "data_batch_4 has labels outside 0..9 (found 0..10)",
     "negative labels": "test_batch has labels outside 0..9 (found -1..",
     "labels not integers": "data_batch_1: its b'labels' are not integer class labels",
+    "fractional labels": "data_batch_1: its b'labels' are not integer class labels",  # not truncated to 0
+    "labels beyond 64 bits": "data_batch_1: its b'labels' are not integer class labels",
     "fewer labels than images": "data_batch_5 holds data of shape (40, 3072) and dtype uint8 with 39 labels",
     "not a dict": "data_batch_1 has no b'data' or b'labels' entry",
     "garbage file": "data_batch_1 is not",
