@@ -52,7 +52,8 @@ class TrainingStopped(Exception):
 
 
 def learning_rate(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> float:
-    """Linear warm-up from base_lr/warmup_steps to base_lr, then cosine decay reaching min_lr at the last step."""
+    """Linear warm-up from base_lr/warmup_steps to base_lr, then cosine decay reaching min_lr at the last step
+    (a warm-up as long as the run, which main.py allows, leaves no step to decay)."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     decay_steps = max(1, total_steps - warmup_steps - 1)
