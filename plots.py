@@ -4,6 +4,7 @@ Redraw it from a run's metrics.csv, optionally against another curve (the refere
     python plots.py runs/a/metrics.csv runs/a/vs-reference.png --compare-curve reference/seed-test-curve.csv
 """
 import csv
+import math
 import os
 import sys
 
@@ -35,13 +36,20 @@ def read_numeric_csv(path: str, columns: tuple, what: str) -> list:
 def read_curve(path: str) -> tuple:
     """(label, [(epoch, test accuracy %)]) from a CSV with `epoch` and `test_acc` columns, such as
     reference/seed-test-curve.csv (the reference project's run) or another run's metrics.csv."""
-    rows = read_numeric_csv(path, ("epoch", "test_acc"), "a test-accuracy curve")
-    return os.path.basename(path), [(int(row["epoch"]), row["test_acc"]) for row in rows]
+    rows = whole_epochs(path, read_numeric_csv(path, ("epoch", "test_acc"), "a test-accuracy curve"))
+    return os.path.basename(path), [(row["epoch"], row["test_acc"]) for row in rows]
 
 
 def read_history(path: str) -> list:
     """The rows of a run's metrics.csv, as the trainer keeps them."""
-    rows = read_numeric_csv(path, ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"), "a metrics.csv")
+    return whole_epochs(path, read_numeric_csv(path, ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"),
+                                               "a metrics.csv"))
+
+
+def whole_epochs(path: str, rows: list) -> list:
+    """The rows with their epoch as an int; a file whose epochs are not whole numbers from 1 is refused."""
+    if not all(math.isfinite(row["epoch"]) and row["epoch"] == int(row["epoch"]) >= 1 for row in rows):
+        raise ValueError(f"{path}: its epochs must be whole numbers from 1 on")
     return [{**row, "epoch": int(row["epoch"])} for row in rows]
 
 

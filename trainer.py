@@ -52,8 +52,9 @@ class TrainingStopped(Exception):
 
 
 def learning_rate(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float) -> float:
-    """Linear warm-up from base_lr/warmup_steps to base_lr, then cosine decay reaching min_lr at the last step
-    (a warm-up as long as the run, which main.py allows, leaves no step to decay)."""
+    """Linear warm-up from base_lr/warmup_steps to base_lr, then cosine decay from base_lr at its first step to
+    min_lr at the last step. With no step or one step after the warm-up (a warm-up as long as the run, which
+    main.py allows, or one step shorter) there is nothing to decay over: the run ends at base_lr."""
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
     decay_steps = max(1, total_steps - warmup_steps - 1)
@@ -483,9 +484,12 @@ class Trainer:
         train_seconds = time.time() - session_start
         loss_sum, correct, seen = self.all_reduce(sums).tolist()
         seen_this_session = seen - (position["sums"][2].item() if position else 0)
+        # a resume after the epoch's last step trains none of it: its speed is the interrupted session's
+        images_per_second = (seen_this_session / max(train_seconds, 1e-9) if seen_this_session
+                             else seen / max(elapsed, 1e-9))
         last_lr = learning_rate(epoch * steps_per_epoch - 1, total_steps, warmup_steps, args.lr, args.min_lr)
         return {"epoch": epoch, "lr": last_lr, "train_loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
-                "images_per_second": seen_this_session / max(train_seconds, 1e-9)}, epoch_start
+                "images_per_second": images_per_second}, epoch_start
 
     def stop_requested(self, step_in_epoch) -> bool:
         """Whether a signal asked to stop. Ranks of a distributed run must stop at the same step, so they

@@ -55,7 +55,9 @@ def test_a_single_epoch_is_drawn_as_points(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("text, problem", [("", "holds no rows"), ("epoch,test_acc\n", "holds no rows"),
                                            ("epoch,acc\n1,50\n", "not a test-accuracy curve"),
-                                           ("epoch,test_acc\n1,high\n", "numeric columns epoch, test_acc")])
+                                           ("epoch,test_acc\n1,high\n", "numeric columns epoch, test_acc"),
+                                           *[(f"epoch,test_acc\n1,10\n{epoch},20\n", "whole numbers from 1 on")
+                                             for epoch in ("inf", "nan", "1.5", "0")]])
 def test_a_bad_curve_file_is_named_with_its_problem(tmp_path, text, problem):
     path = tmp_path / "curve.csv"
     path.write_text(text)

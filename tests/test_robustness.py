@@ -350,6 +350,7 @@ def test_signal_at_a_given_step_then_resume_is_bit_identical(tmp_path, fake_data
     assert status == 0, err
     assert f"(epoch {at_epoch - 1} done, stopped at step {at_step} of the next)" in out
     assert_same_run(straight_dir, resumed_dir)
+    assert all(float(row["images_per_second"]) > 0 for row in metric_rows(resumed_dir))  # also after the last step
 
 
 @pytest.mark.parametrize("at_epoch", [2, 3])

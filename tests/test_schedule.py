@@ -43,3 +43,4 @@ def test_single_step_and_all_warmup_edge_cases_stay_finite():
     assert learning_rate(0, 1, 0, LR, MIN_LR) == pytest.approx(LR)  # one step: nothing to decay over
     assert learning_rate(0, 1, 1, LR, MIN_LR) == pytest.approx(LR)
     assert learning_rate(9, 10, 10, LR, MIN_LR) == pytest.approx(LR)  # warm-up as long as the run
+    assert learning_rate(9, 10, 9, LR, MIN_LR) == pytest.approx(LR)  # one step after it: the cosine's first
