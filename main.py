@@ -195,7 +195,11 @@ def run(args) -> int:
             runner.fit()
     except (trainer.TrainingStopped, checkpoint.CheckpointError, data.DataError) as error:
         stopped_by_signal = getattr(error, "exit_code", 0) >= 128  # the user's stop, not an error
-        print(str(error) if stopped_by_signal else f"error: {error}", file=sys.stderr, flush=True)
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0:
+            print(str(error) if stopped_by_signal else f"error: {error}", file=sys.stderr, flush=True)
+        elif not stopped_by_signal:  # every rank stops alike on a signal; an error may be this rank's alone
+            print(f"rank {rank}: error: {error}", file=sys.stderr, flush=True)
         return getattr(error, "exit_code", 2)
     except OSError as error:  # a file or folder that cannot be read or written, e.g. a full disk
         where = f"{error.filename}: " if error.filename else ""

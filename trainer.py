@@ -115,6 +115,18 @@ def resolve_compile_mode(requested: str, world: int, pipeline: str) -> str:
     return "whole-step" if pipeline == "device" else "reduce-overhead"
 
 
+def resume_command(argv: list, world: int, local_world: int) -> str:
+    """The command that continues a stopped run: its own without its --resume, plus --resume auto, under the
+    launcher it ran with (torchrun's options of a run over several machines are not known here)."""
+    if world == 1:
+        launcher = "python"
+    elif world == local_world:
+        launcher = f"torchrun --nproc_per_node={world}"
+    else:
+        launcher = "torchrun (with this run's options, on every machine)"
+    return f"{launcher} {shlex.join(argv_without_resume(argv))} --resume auto"
+
+
 def argv_without_resume(argv: list) -> list:
     """The command line less its --resume: `--resume PATH`, `--resume=PATH`, or an abbreviation (`--res P`)."""
     kept, skip_value = [], False
@@ -798,10 +810,9 @@ class Trainer:
         if self.is_main:
             self.save(self.state(epoch - 1 if position else epoch, position), "last.pt")
         where = f"at epoch {epoch}, step {position['step']}" if position else f"after epoch {epoch}"
-        command = shlex.join(argv_without_resume(sys.argv))
+        command = resume_command(sys.argv, self.world, int(os.environ.get("LOCAL_WORLD_SIZE", self.world)))
         raise TrainingStopped(f"stopped by {signal.Signals(self.stop_signal).name} {where}; saved "
-                              f"{self.last_checkpoint}; continue with: python {command} --resume auto",
-                              128 + self.stop_signal)
+                              f"{self.last_checkpoint}; continue with: {command}", 128 + self.stop_signal)
 
     # ------------------------------------------------------------------------------------ eval-only
 

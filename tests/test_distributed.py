@@ -449,3 +449,29 @@ def test_backend_follows_the_device(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     calls.clear()
     assert trainer.init_distributed(torch.device("cpu")) == (0, 1) and calls == []
+
+
+def test_the_resume_command_names_the_launcher_the_run_used():
+    argv = ["main.py", "--epochs", "3", "--resume", "old/last.pt"]
+    assert trainer.resume_command(argv, 1, 1) == "python main.py --epochs 3 --resume auto"
+    assert trainer.resume_command(argv, 2, 2) == "torchrun --nproc_per_node=2 main.py --epochs 3 --resume auto"
+    assert trainer.resume_command(argv, 4, 2) == ("torchrun (with this run's options, on every machine) main.py "
+                                                  "--epochs 3 --resume auto")
+
+
+@pytest.mark.parametrize("rank, exit_code, printed", [
+    ("0", 143, "stopped by SIGTERM after epoch 1"), ("1", 143, ""),  # every rank stops alike: rank 0 says so
+    ("0", 1, "error: disk full"), ("1", 1, "rank 1: error: disk full"),  # an error may be one rank's alone
+])
+def test_a_stop_is_printed_by_rank_0_and_an_error_by_the_rank_that_meets_it(monkeypatch, capsys, rank, exit_code,
+                                                                             printed):
+    import main
+    message = "stopped by SIGTERM after epoch 1" if exit_code == 143 else "disk full"
+
+    class StoppingTrainer:
+        def __init__(self, args):
+            raise trainer.TrainingStopped(message, exit_code)
+    monkeypatch.setattr(trainer, "Trainer", StoppingTrainer)
+    monkeypatch.setenv("RANK", rank)
+    assert main.run(main.parse_args(["--device", "cpu"])) == exit_code
+    assert capsys.readouterr().err.strip() == printed
