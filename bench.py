@@ -29,6 +29,7 @@ import time
 
 import torch
 
+import checkpoint
 import data
 import main
 from cli import OneLineErrors
@@ -167,8 +168,8 @@ def device_kernels(events):
 
 def bench_augmentation(cifar, opts, device):
     """Images/s of the training augmentation alone: PIL per image in DataLoader workers vs batched on device."""
-    n = opts.augment_images
-    images, labels = cifar.train_images[:n], cifar.train_labels[:n]
+    images, labels = cifar.train_images[:opts.augment_images], cifar.train_labels[:opts.augment_images]
+    n = len(images)
     pil = data.TorchvisionTrainLoader(images, labels, 256, seed=0, workers=opts.workers, pin_memory=False)
     start = time.perf_counter()
     count = sum(len(batch) for batch, _ in pil.epoch(1))
@@ -289,14 +290,15 @@ def main_cli(argv=None):
                                       "else random images)")
     p.add_argument("--batch-size", type=main.positive_int, default=128)
     p.add_argument("--steps", type=main.positive_int, default=None,
-                   help="timed training steps per config (default: 8 on the CPU, 300 on CUDA)")
-    p.add_argument("--warmup", type=main.positive_int, default=None, help="untimed steps first (default 2 / 30)")
-    p.add_argument("--eval-images", type=main.positive_int, default=None, help="default 1,000 on the CPU, 10,000 on CUDA")
-    p.add_argument("--augment-images", type=main.positive_int, default=None, help="default 5,000 / 50,000")
+                   help="timed training steps per config (default: 8 on the CPU, 300 on CUDA, fewer if the data "
+                        "holds fewer batches)")
+    p.add_argument("--warmup", type=main.positive_int, default=None, help="untimed steps first, at most --steps (default 2 / 30)")
+    p.add_argument("--eval-images", type=main.positive_int, default=None, help="default 1,000 on the CPU, 10,000 on CUDA (at most the test set)")
+    p.add_argument("--augment-images", type=main.positive_int, default=None, help="default 5,000 / 50,000 (at most the training set)")
     p.add_argument("--workers", type=main.non_negative_int, default=data.default_workers())
     p.add_argument("--json", default="bench.json")
     p.add_argument("--model-flags", default="", metavar="FLAGS",
-                   help=f"main.py model flags for every row, e.g. \"--layers 2 --hidden 64\" (any of "
+                   help=f"main.py model flags for every row, e.g. \"--layers 2 --hidden 64 --mlp-hidden 64 --heads 4\" (any of "
                         f"{', '.join(model_options())}; default: the recipe's model)")
     p.add_argument("--fast-flags", action="append",
                    help="main.py flags for a fast row; repeat for several rows (default: one row, the defaults)")
@@ -306,6 +308,12 @@ def main_cli(argv=None):
     json_folder = os.path.dirname(os.path.abspath(opts.json))
     if not os.path.isdir(json_folder):
         p.error(f"--json {opts.json}: the folder {json_folder} does not exist: create it or choose another path")
+    if os.path.isdir(opts.json) or (os.path.exists(opts.json) and not os.access(opts.json, os.W_OK)):
+        p.error(f"--json {opts.json} is a folder or a file that cannot be written: choose another path")
+    try:
+        checkpoint.probe_writable(json_folder)
+    except OSError as error:
+        p.error(f"--json {opts.json}: cannot write to {json_folder} ({error.strerror or error}): choose another path")
     if opts.data_dir and not holds_cifar10(opts.data_dir):
         p.error(f"--data-dir {opts.data_dir} holds no {data.FOLDERS['cifar10']}/: fix the path, or leave --data-dir "
                 f"out to time random images")
@@ -319,11 +327,24 @@ def main_cli(argv=None):
         p.error(str(error))
     opts.device = device.type
     on_cuda = device.type == "cuda"
-    opts.steps = opts.steps or (300 if on_cuda else 8)
-    opts.warmup = opts.warmup or (30 if on_cuda else 2)
-    opts.eval_images = opts.eval_images or (10_000 if on_cuda else 1_000)
-    opts.augment_images = opts.augment_images or (50_000 if on_cuda else 5_000)
-    cifar, source = load_data(opts.data_dir or "./data")
+    try:
+        cifar, source = load_data(opts.data_dir or "./data")
+    except data.DataError as error:
+        p.error(f"{error} (bench.py never downloads: fix or remove the folder, or let main.py download it)")
+    train_held, test_held = len(cifar.train_images), len(cifar.test_images)
+    # the defaults fit the data (a small copy); a request it cannot meet is refused below
+    opts.steps = opts.steps or max(1, min(300 if on_cuda else 8, train_held // opts.batch_size))
+    opts.warmup = opts.warmup or min(30 if on_cuda else 2, opts.steps)
+    opts.eval_images = opts.eval_images or min(10_000 if on_cuda else 1_000, test_held)
+    opts.augment_images = opts.augment_images or min(50_000 if on_cuda else 5_000, train_held)
+    for flag, wanted, held in (("--steps x --batch-size", opts.steps * opts.batch_size, train_held),
+                               ("--augment-images", opts.augment_images, train_held),
+                               ("--eval-images", opts.eval_images, test_held)):
+        if wanted > held:
+            p.error(f"{flag} asks for {wanted:,} images but the data holds {held:,}: ask for fewer")
+    if opts.warmup > opts.steps:
+        p.error(f"--warmup {opts.warmup} is more than --steps {opts.steps}: the warm-up runs on the timed steps' "
+                f"batches, so it can be at most as many")
     model = describe_model(opts.model_tokens, cifar.num_classes)
     machine = torch.cuda.get_device_name(device) if on_cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     header = (f"bench: {machine} | torch {torch.__version__} | {source} | model {model['model_flags']}: "

@@ -103,12 +103,13 @@ def predict_images(model, classes: list, paths: list) -> list:
 
 def attention_figure_paths(image_paths, out_dir) -> list:
     """<out-dir>/<stem>_attention.png for each image; a stem already taken gets -2, -3, ... so that no figure
-    replaces another."""
+    replaces another, nor one of the input images (an earlier run's figure given as an image, say)."""
+    inputs = {os.path.realpath(path) for path in image_paths}
     taken, paths = set(), []
     for path in image_paths:
         stem = os.path.splitext(os.path.basename(path))[0]
         name, copy = stem, 1
-        while name in taken:
+        while name in taken or os.path.realpath(os.path.join(out_dir, f"{name}_attention.png")) in inputs:
             copy += 1
             name = f"{stem}-{copy}"
         taken.add(name)

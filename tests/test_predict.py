@@ -216,3 +216,11 @@ def test_attention_figures_of_images_with_the_same_name_do_not_replace_each_othe
     paths = predict.attention_figure_paths(["a/cat.jpg", "b/cat.png", "cat-2.png", "dog.png", "a/cat.jpg"], "figs")
     assert paths == [os.path.join("figs", f"{name}_attention.png") for name in
                      ("cat", "cat-2", "cat-2-2", "dog", "cat-3")]
+
+
+def test_an_attention_figure_never_replaces_an_input_image(tmp_path):
+    """`predict.py *.png --attention` run again where an earlier run's figures lie: cat.png's figure would be
+    the input cat_attention.png, so it takes the next free name."""
+    inputs = [str(tmp_path / "cat.png"), str(tmp_path / "cat_attention.png")]
+    assert predict.attention_figure_paths(inputs, str(tmp_path)) == [
+        str(tmp_path / "cat-2_attention.png"), str(tmp_path / "cat_attention_attention.png")]
