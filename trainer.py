@@ -550,13 +550,14 @@ class Trainer:
                  f"test loss {row['test_loss']:.4f} acc {row['test_acc']:6.2f}% | "
                  f"best {self.best_acc:6.2f}% (epoch {self.best_epoch}) | "
                  f"{row['epoch_seconds']:.1f}s | {row['images_per_second']:,.0f} img/s")
+        rng_by_rank = self.rng_states_by_rank()
         if not self.is_main:
             return
         # metrics.csv every epoch; results.png and the checkpoints at most every --write-interval seconds (and
         # after the first and last epochs): on a GPU an epoch can take a second, about what writing them takes.
         due = epoch == args.epochs or time.time() - self.last_write >= args.write_interval
         self.write_outputs(metrics=True, plot=due)
-        state = self.state(epoch, position=None)
+        state = self.state(epoch, position=None, rng_by_rank=rng_by_rank)
         if improved:
             self.pending_best = None if due else copy.deepcopy(state)  # a snapshot: the live tensors keep training
         if due:
@@ -618,10 +619,23 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ checkpoints
 
-    def state(self, epoch, position):
+    def rng_state(self) -> dict:
         rng = {"torch": torch.get_rng_state()}
         if self.use_cuda:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def rng_states_by_rank(self):
+        """Every rank's RNG states, for the checkpoint rank 0 writes (a collective: every rank calls it), so that
+        a resume gives each rank its own dropout stream back; None in one process."""
+        if self.world == 1:
+            return None
+        states = [None] * self.world
+        dist.all_gather_object(states, self.rng_state())
+        return states
+
+    def state(self, epoch, position, rng_by_rank=None):
+        rng = {**self.rng_state(), **({"by_rank": rng_by_rank} if rng_by_rank else {})}
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": {"epoch": epoch, "position": position},
                 "model_config": dataclasses.asdict(self.model_config), "config": dict(vars(self.args)),
@@ -750,9 +764,11 @@ class Trainer:
             self.best_acc, self.best_epoch = state["best_acc"], state["best_epoch"]
             if not isinstance(self.best_acc, (int, float)) or not isinstance(self.best_epoch, int):
                 raise ValueError("best_acc or best_epoch is not a number")
-            torch.set_rng_state(state["rng"]["torch"])
-            if self.use_cuda and "cuda" in state["rng"]:
-                torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+            by_rank = state["rng"].get("by_rank")  # a checkpoint of as many ranks: each takes its own
+            rng = by_rank[self.rank] if by_rank and len(by_rank) == self.world else state["rng"]
+            torch.set_rng_state(rng["torch"])
+            if self.use_cuda and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
             position = state["scheduler"]["position"]
             if position is not None:
                 if not isinstance(position["sums"], torch.Tensor) or position["sums"].shape != (3,):
@@ -807,8 +823,9 @@ class Trainer:
     def stop(self, epoch, position=None):
         """Ends a run that a signal asked to stop: last.pt where it stands (in epoch `epoch` at `position`, or
         after it), and the command that continues it."""
+        rng_by_rank = self.rng_states_by_rank()
         if self.is_main:
-            self.save(self.state(epoch - 1 if position else epoch, position), "last.pt")
+            self.save(self.state(epoch - 1 if position else epoch, position, rng_by_rank), "last.pt")
         where = f"at epoch {epoch}, step {position['step']}" if position else f"after epoch {epoch}"
         command = resume_command(sys.argv, self.world, int(os.environ.get("LOCAL_WORLD_SIZE", self.world)))
         raise TrainingStopped(f"stopped by {signal.Signals(self.stop_signal).name} {where}; saved "
