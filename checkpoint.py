@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import os
 import pickle
+import stat
 import tempfile
 import warnings
 
@@ -37,8 +38,12 @@ def atomic_file(path: str, mode: str = "wb", **open_kwargs):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), dir=folder)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the permissions open() would
-        with os.fdopen(fd, mode, **open_kwargs) as f:
+        f = os.fdopen(fd, mode, **open_kwargs)  # owns fd from here: closed however the block ends
+        try:  # mkstemp makes 0600; give the file the permissions open() would: a file's own, else the umask's
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode) if os.path.exists(path) else 0o666 & ~_umask())
+        except OSError:
+            pass  # a filesystem without Unix permissions (FAT) refuses chmod; the file is still written
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())

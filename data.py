@@ -148,9 +148,10 @@ def _read_batches(folder: str, files: list, label_key: bytes, num_classes: int):
         data = np.asarray(batch[b"data"])
         try:
             batch_labels = np.asarray(batch[label_key]).reshape(-1)
-        except (TypeError, ValueError, OverflowError):
-            batch_labels = None
-        if batch_labels is None or batch_labels.size and batch_labels.dtype.kind not in "iu":  # 5.5 would become 5
+            integers = not batch_labels.size or batch_labels.dtype.kind in "iu"  # 5.5 or "cat" or 2**64: not
+        except ValueError:  # a ragged list
+            integers = False
+        if not integers:
             raise DataError(f"{path}: its {label_key!r} are not integer class labels")
         batch_labels = batch_labels.astype(np.int64)  # a uint64 too large for it turns negative: out of range below
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch_labels):

@@ -136,12 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    for flag in ("out_dir", "data_dir", "resume", "checkpoint", "compare_curve"):
+        if getattr(args, flag, None) == "":  # "$CKPT" with CKPT unset: never taken as "not given"
+            parser.error(f"--{flag.replace('_', '-')} is empty: give a path, or leave the flag out")
     if not hasattr(args, "out_dir"):
         args.out_dir = checkpoint.run_folder(args.checkpoint) if args.eval_only and args.checkpoint else "."
     if not args.eval_only and args.warmup_epochs > args.epochs:
-        parser.error(f"--warmup-epochs {args.warmup_epochs:g} is longer than --epochs {args.epochs}: shorten the warm-up")
+        parser.error(f"--warmup-epochs {args.warmup_epochs} is longer than --epochs {args.epochs}: shorten the warm-up")
     if not args.eval_only and args.min_lr > args.lr:
-        parser.error(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}: the schedule decays from --lr to --min-lr")
+        parser.error(f"--min-lr {args.min_lr} is above --lr {args.lr}: the schedule decays from --lr to --min-lr")
     if args.hidden % args.heads:
         parser.error(f"--hidden {args.hidden} is not divisible by --heads {args.heads}: choose heads that divide it")
     image_size = models.ViTConfig.image_size
@@ -195,7 +198,7 @@ def run(args) -> int:
             runner.fit()
     except (trainer.TrainingStopped, checkpoint.CheckpointError, data.DataError) as error:
         stopped_by_signal = getattr(error, "exit_code", 0) >= 128  # the user's stop, not an error
-        rank = int(os.environ.get("RANK", "0"))
+        rank = trainer.distributed_env().rank
         if rank == 0:
             print(str(error) if stopped_by_signal else f"error: {error}", file=sys.stderr, flush=True)
         elif not stopped_by_signal:  # every rank stops alike on a signal; an error may be this rank's alone

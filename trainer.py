@@ -6,6 +6,7 @@ The log goes to stdout (rank 0 only; `nohup ... > run.log` keeps it); the files 
 metrics.csv, results.png, checkpoints/{last,best,epoch_N}.pt and, at the end, the evaluation report
 (attention.png, confusion.png, per_class.csv).
 """
+import collections
 import copy
 import csv
 import dataclasses
@@ -150,16 +151,21 @@ def require_writable(folder: str) -> None:
                               2) from None
 
 
-def distributed_env():
-    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) for a plain `python main.py`."""
-    return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-            int(os.environ.get("LOCAL_RANK", "0")))
+DistributedEnv = collections.namedtuple("DistributedEnv", "rank world local_rank local_world")
+
+
+def distributed_env() -> DistributedEnv:
+    """The process's place as torchrun sets it (local_world: the processes on this machine); (0, 1, 0, 1) for a
+    plain `python main.py`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return DistributedEnv(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")),
+                          int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
 def init_distributed(device: torch.device):
     """Starts the process group when launched by torchrun with >1 process (a no-op otherwise): backend nccl
     when this rank trains on a GPU (its own: LOCAL_RANK), gloo on the CPU. Returns (rank, world size)."""
-    rank, world, _ = distributed_env()
+    rank, world = distributed_env()[:2]
     if world == 1:
         return 0, 1
     if device.type == "cuda":
@@ -255,7 +261,7 @@ class StepGraph:
 class Trainer:
     def __init__(self, args):
         self.args = args
-        env_rank, env_world, local_rank = distributed_env()
+        env_rank, env_world, local_rank, _ = distributed_env()
         if args.batch_size % env_world:  # checked before the processes rendezvous, so every rank exits at once
             raise TrainingStopped(f"--batch-size {args.batch_size} is the global batch and must divide by the "
                                   f"{env_world} processes: choose a multiple of {env_world}", 2)
@@ -634,8 +640,8 @@ class Trainer:
         dist.all_gather_object(states, self.rng_state())
         return states
 
-    def state(self, epoch, position, rng_by_rank=None):
-        rng = {**self.rng_state(), **({"by_rank": rng_by_rank} if rng_by_rank else {})}
+    def state(self, epoch, position, rng_by_rank):
+        rng = {"by_rank": rng_by_rank} if rng_by_rank else self.rng_state()
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": {"epoch": epoch, "position": position},
                 "model_config": dataclasses.asdict(self.model_config), "config": dict(vars(self.args)),
@@ -732,7 +738,9 @@ class Trainer:
             return
         import main  # the flags' defaults: a flag missing from an older checkpoint did not exist yet, so its default held
         defaults = main.build_parser()
-        then = {k: stored.get(k, defaults.get_default(k)) for k in vars(self.args) if k not in COMPUTE_AND_OUTPUT_FLAGS}
+        # the torchvision pipeline's DataLoader workers each draw their own augmentation stream
+        ignored = set(COMPUTE_AND_OUTPUT_FLAGS) - ({"workers"} if self.args.data_pipeline == "torchvision" else set())
+        then = {k: stored.get(k, defaults.get_default(k)) for k in vars(self.args) if k not in ignored}
         changed = [k for k in then if then[k] != getattr(self.args, k)]
         describe = "; ".join(f"--{k.replace('_', '-')} {then[k]} in the checkpoint, {getattr(self.args, k)} now"
                              for k in changed)
@@ -764,8 +772,9 @@ class Trainer:
             self.best_acc, self.best_epoch = state["best_acc"], state["best_epoch"]
             if not isinstance(self.best_acc, (int, float)) or not isinstance(self.best_epoch, int):
                 raise ValueError("best_acc or best_epoch is not a number")
-            by_rank = state["rng"].get("by_rank")  # a checkpoint of as many ranks: each takes its own
-            rng = by_rank[self.rank] if by_rank and len(by_rank) == self.world else state["rng"]
+            by_rank = state["rng"].get("by_rank")  # as many ranks: each takes its own, else all take rank 0's
+            rng = (by_rank[self.rank if len(by_rank) == self.world else 0] if by_rank is not None
+                   else state["rng"])
             torch.set_rng_state(rng["torch"])
             if self.use_cuda and "cuda" in rng:
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
@@ -827,7 +836,7 @@ class Trainer:
         if self.is_main:
             self.save(self.state(epoch - 1 if position else epoch, position, rng_by_rank), "last.pt")
         where = f"at epoch {epoch}, step {position['step']}" if position else f"after epoch {epoch}"
-        command = resume_command(sys.argv, self.world, int(os.environ.get("LOCAL_WORLD_SIZE", self.world)))
+        command = resume_command(sys.argv, self.world, distributed_env().local_world)
         raise TrainingStopped(f"stopped by {signal.Signals(self.stop_signal).name} {where}; saved "
                               f"{self.last_checkpoint}; continue with: {command}", 128 + self.stop_signal)
 

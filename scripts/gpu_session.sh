@@ -4,7 +4,8 @@
 #
 #   CALL_SECONDS=370 TEST_SECONDS=240 TESTS_K="never_waits or adamw or (whole_step and torchvision) or runs_on_cuda_with_compile" \
 #       bash scripts/gpu_session.sh OUT_DIR tests bench            # timeout_s 400
-#   CALL_SECONDS=540 bash scripts/gpu_session.sh OUT_DIR full         # at once after it, timeout_s 570
+#   CALL_SECONDS=$((LEFT - 40)) bash scripts/gpu_session.sh OUT_DIR full   # at once after it, timeout_s LEFT - 10,
+#                                                        # LEFT: the device's budget_left_s (the full run: about 350 s)
 # (On an H100, 2026-11-27: 5 CUDA-graph tests in 150 s, bench 85 s with three rows of 390 steps, full 379 s;
 # the start and both calls held the machine 675 s of the task's 900.)
 #
@@ -93,7 +94,7 @@ for stage in "$@"; do
             --fast-flags "" --fast-flags "--compile-mode reduce-overhead" > "$work/bench.log" 2>&1
         echo "bench: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/bench.log" ;;
     full)
-        timeout "$(limit "${FULL_RUN_SECONDS:-480}")" python3 main.py --data-dir "$data_dir" --out-dir /tmp/full \
+        timeout "$(limit "${FULL_RUN_SECONDS:-600}")" python3 main.py --data-dir "$data_dir" --out-dir /tmp/full \
             ${FULL_FLAGS:-} > "$work/full_run.log" 2>&1
         echo "full run: exit $?, $(( $(date +%s) - start )) s wall (model build, compile and final report included)" \
             | tee -a "$work/full_run.log"

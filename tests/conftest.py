@@ -1,8 +1,10 @@
 """Shared test fixtures: tiny fake CIFAR folders, a tiny-model command line for main.py, and small helpers."""
+import csv
 import os
 import pickle
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -31,6 +33,41 @@ def load_script(name):
 
 
 TINY_MODEL = ["--layers", "2", "--hidden", "32", "--mlp-hidden", "32", "--heads", "4"]
+WALL_CLOCK = {"epoch_seconds", "images_per_second"}  # the metrics.csv columns that differ between equal runs
+
+
+def metric_rows(out_dir):
+    with open(os.path.join(out_dir, "metrics.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_same_run(dir_a, dir_b, epochs=3):
+    """The final weights and optimizer state are bit-identical, and so are the metrics but for wall-clock times."""
+    a = torch.load(os.path.join(dir_a, "checkpoints", "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(dir_b, "checkpoints", "last.pt"), weights_only=True)
+    assert a["epoch"] == b["epoch"] == epochs
+    assert_same_tensors(a["model"], b["model"])
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for key in a["optimizer"]["state"]:
+        assert_same_tensors(a["optimizer"]["state"][key], b["optimizer"]["state"][key])
+    rows_a, rows_b = metric_rows(dir_a), metric_rows(dir_b)
+    assert [r["epoch"] for r in rows_a] == [str(e) for e in range(1, epochs + 1)]
+    strip = [[{k: v for k, v in row.items() if k not in WALL_CLOCK} for row in rows] for rows in (rows_a, rows_b)]
+    assert strip[0] == strip[1]
+
+
+def wait_until(condition, process, why=lambda: "", timeout=120):
+    """Polls `condition` while `process` (a Popen) runs; fails if it ends or `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None and time.monotonic() < deadline, why()
+        time.sleep(0.005)
 
 
 def write_fake_cifar(data_dir, dataset="cifar10", train_per_batch=40, test=50, seed=0):

@@ -4,7 +4,6 @@ Every distributed run here is a real `python -m torch.distributed.run` launch of
 compared with a plain single-process run. The launches are shared where they can be: one 2-rank and one
 single-process tiny training run (module fixture `runs`) serve the file, quiet-rank, resume and eval tests.
 """
-import csv
 import json
 import os
 import re
@@ -13,13 +12,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY_MODEL, run_main, write_fake_cifar
+from conftest import ROOT, TINY_MODEL, assert_same_run, metric_rows, run_main, wait_until, write_fake_cifar
 
 import data
 import trainer
@@ -77,11 +75,6 @@ def ok(result):
 def files_under(folder):
     return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder)
                   for f in names if not f.startswith(".tmp"))
-
-
-def metrics(folder):
-    with open(os.path.join(folder, "metrics.csv")) as f:
-        return list(csv.DictReader(f))
 
 
 def lines_starting(text, prefix):
@@ -325,7 +318,7 @@ def test_two_ranks_write_the_same_files_as_one_process(runs):
     assert files_under(runs.ddp_dir) == files_under(runs.single_dir)
     assert {"metrics.csv", "results.png", "attention.png", "confusion.png", "per_class.csv",
             os.path.join("checkpoints", "last.pt"), os.path.join("checkpoints", "best.pt")} <= set(files_under(runs.ddp_dir))
-    assert [row["epoch"] for row in metrics(runs.ddp_dir)] == ["1", "2"]
+    assert [row["epoch"] for row in metric_rows(runs.ddp_dir)] == ["1", "2"]
     state = torch.load(os.path.join(runs.ddp_dir, "checkpoints", "last.pt"), weights_only=True)
     assert state["epoch"] == 2
 
@@ -353,7 +346,7 @@ def test_two_rank_checkpoint_evaluates_the_same_in_one_process(runs, tmp_path):
     path, stem = os.path.join(runs.ddp_dir, "checkpoints", "last.pt"), "last"  # eval-only names its report files
     state = torch.load(path, weights_only=True)
     assert not any(key.startswith("module.") for key in state["model"])
-    reported = metrics(runs.ddp_dir)[-1]  # epoch 2, evaluated sharded over the 2 ranks
+    reported = metric_rows(runs.ddp_dir)[-1]  # epoch 2, evaluated sharded over the 2 ranks
     eval_args = ["--eval-only", "--checkpoint", path, "--eval-batch-size", "16", "--device", DEVICE,
                  "--data-dir", runs.data_dir]
     two = start(torchrun_cmd(["main.py", *eval_args, "--out-dir", str(tmp_path / "two")]))
@@ -375,7 +368,7 @@ def _check_resumed(result, out_dir, before_dir):
     assert len(lines_starting(result.stdout, "resuming from")) == 1, result.stdout
     assert lines_starting(result.stdout, "epoch ") == lines_starting(result.stdout, "epoch 3/3 ")
     assert len(lines_starting(result.stdout, "epoch 3/3 ")) == 1
-    rows, before = metrics(out_dir), metrics(before_dir)
+    rows, before = metric_rows(out_dir), metric_rows(before_dir)
     assert [row["epoch"] for row in rows] == ["1", "2", "3"]
     assert rows[:2] == before  # the history carried over unchanged
     assert float(rows[2]["train_loss"]) > 0
@@ -425,7 +418,7 @@ def test_two_nodes(runs, tmp_path):
     node0, node1 = (ok(finish(p)) for p in nodes)
     assert len(lines_starting(node0.stdout, "epoch 1/1 ")) == 1 and "x2 processes" in node0.stdout
     assert node1.stdout.strip() == "", node1.stdout
-    assert [row["epoch"] for row in metrics(str(tmp_path))] == ["1"]
+    assert [row["epoch"] for row in metric_rows(str(tmp_path))] == ["1"]
 
 
 def test_backend_follows_the_device(monkeypatch):
@@ -491,18 +484,12 @@ def test_a_dropout_run_stopped_and_resumed_under_torchrun_is_bit_identical(tmp_p
     straight_dir, resumed_dir = str(tmp_path / "straight"), str(tmp_path / "resumed")
     straight = start(torchrun_cmd([*common, "--out-dir", straight_dir]))
     interrupted = start(torchrun_cmd([*common, "--out-dir", resumed_dir]))
-    metrics_csv, deadline = os.path.join(resumed_dir, "metrics.csv"), time.monotonic() + 120
-    while not (os.path.exists(metrics_csv) and len(open(metrics_csv).read().splitlines()) > 1):
-        assert interrupted.poll() is None and time.monotonic() < deadline, "epoch 1 did not finish"
-        time.sleep(0.01)
+    metrics_csv = os.path.join(resumed_dir, "metrics.csv")
+    wait_until(lambda: os.path.exists(metrics_csv) and len(metric_rows(resumed_dir)) >= 1, interrupted,
+               lambda: "epoch 1 did not finish")
     interrupted.send_signal(signal.SIGTERM)
     stopped = finish(interrupted)
     assert stopped.returncode != 0 and "stopped by SIGTERM" in stopped.stderr, stopped.stderr
     ok(finish(start(torchrun_cmd([*common, "--out-dir", resumed_dir, "--resume", "auto"]))))
     ok(finish(straight))
-    a, b = (torch.load(os.path.join(d, "checkpoints", "last.pt"), weights_only=True) for d in (straight_dir, resumed_dir))
-    assert a["epoch"] == b["epoch"] == 3
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    wall_clock = ("epoch_seconds", "images_per_second")
-    assert [{k: v for k, v in row.items() if k not in wall_clock} for row in metrics(straight_dir)] == \
-        [{k: v for k, v in row.items() if k not in wall_clock} for row in metrics(resumed_dir)]
+    assert_same_run(straight_dir, resumed_dir)

@@ -104,6 +104,16 @@ def test_a_resume_names_every_changed_training_flag_a_new_one_too(capsys):
                                        "the new values\n")
 
 
+@pytest.mark.parametrize("pipeline, named", [("torchvision", True), ("device", False)])
+def test_a_resume_names_changed_workers_where_they_change_the_augmentation(capsys, pipeline, named):
+    """The torchvision pipeline's workers each draw their own augmentation stream; the device pipeline has none."""
+    args = main.parse_args(["--device", "cpu", "--data-pipeline", pipeline, "--workers", "3"])
+    runner = trainer.Trainer(args)
+    runner.resume_path = "last.pt"
+    runner.check_recipe_flags({"config": {**vars(args), "workers": 1}}, stopped_mid_epoch=False)
+    assert ("--workers 1 in the checkpoint, 3 now" in capsys.readouterr().out) == named
+
+
 def test_a_resume_compares_the_model_with_an_older_checkpoints_defaults():
     """A model field the checkpoint does not know had its default then: --no-mlp-final-gelu differs from it."""
     runner = trainer.Trainer(main.parse_args(["--device", "cpu", "--no-mlp-final-gelu", *TINY_MODEL]))

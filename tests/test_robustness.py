@@ -11,7 +11,6 @@
 Most cases call main.main() in this process (fast); the signal tests run main.py as a subprocess.
 """
 import contextlib
-import csv
 import errno
 import hashlib
 import io
@@ -30,7 +29,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_MODEL, run_main, write_fake_cifar
+from conftest import (ROOT, TINY_MODEL, assert_same_run, assert_same_tensors, metric_rows, run_main,
+                      wait_until, write_fake_cifar)
 
 import checkpoint
 import data
@@ -38,7 +38,6 @@ import main
 import trainer
 
 TINY = [*TINY_MODEL, "--patch-size", "8", "--device", "cpu", "--eval-batch-size", "100"]
-WALL_CLOCK = {"epoch_seconds", "images_per_second"}
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # 2 shared cores: threads only contend
 
 
@@ -93,11 +92,6 @@ def usage_error(err, *fragments):
     return lines[-1]
 
 
-def metric_rows(out_dir):
-    with open(os.path.join(out_dir, "metrics.csv"), newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def disk_fills_halfway(real_save):
     """A torch.save that writes half the file, then fails as a full disk does."""
     def save(obj, f, *args, **kwargs):
@@ -110,12 +104,6 @@ def disk_fills_halfway(real_save):
 
 def model_of(path):
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
-
-
-def assert_same_tensors(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.fixture
@@ -297,24 +285,6 @@ class Run:
         return "".join(self.stderr_chunks)
 
 
-def comparable(rows):
-    return [{k: v for k, v in row.items() if k not in WALL_CLOCK} for row in rows]
-
-
-def assert_same_run(dir_a, dir_b):
-    """The final weights and optimizer state are bit-identical, and so are the metrics but for wall-clock times."""
-    a = torch.load(os.path.join(dir_a, "checkpoints", "last.pt"), weights_only=True)
-    b = torch.load(os.path.join(dir_b, "checkpoints", "last.pt"), weights_only=True)
-    assert a["epoch"] == b["epoch"] == 3
-    assert_same_tensors(a["model"], b["model"])
-    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
-    for key in a["optimizer"]["state"]:
-        assert_same_tensors(a["optimizer"]["state"][key], b["optimizer"]["state"][key])
-    rows_a, rows_b = metric_rows(dir_a), metric_rows(dir_b)
-    assert [r["epoch"] for r in rows_a] == ["1", "2", "3"]
-    assert comparable(rows_a) == comparable(rows_b)
-
-
 @pytest.mark.parametrize("dropout, at_epoch, at_step, pipeline", [
     ("0.0", 2, 5, "device"),       # mid-epoch, deterministic model: the data order and augmentation must match
     ("0.1", 2, 5, "device"),       # dropout draws from the global RNG: its state must be restored too
@@ -403,10 +373,7 @@ def test_signal_handlers_act_only_in_the_process_that_installed_them(monkeypatch
 
 def wait_until_written(run, path):
     """Waits while the run is alive until `path` exists (epoch 1's best.pt: its checkpoints are complete)."""
-    deadline = time.monotonic() + 120
-    while not os.path.exists(path):
-        assert run.proc.poll() is None and time.monotonic() < deadline, run.stderr()
-        time.sleep(0.005)
+    wait_until(lambda: os.path.exists(path), run.proc, run.stderr)
 
 
 def test_sigterm_to_main_py_then_resume_auto_is_bit_identical(tmp_path, signal_data):
@@ -1046,3 +1013,37 @@ def test_eval_only_refuses_before_reading_the_data(problem, run_dir, fake_data, 
         one_line_error(err, f"error: {best} predicts 10 classes but cifar100 has 100: pass the --dataset")
         assert not os.path.exists(tmp_path / "eval")
     assert status == 2
+
+
+@pytest.mark.parametrize("flag", ["--out-dir", "--data-dir", "--resume", "--checkpoint", "--compare-curve"])
+def test_an_empty_path_is_refused_not_taken_as_absent(flag, capsys):
+    """`--resume "$CKPT"` with CKPT unset must not start a fresh run without a word."""
+    with pytest.raises(SystemExit) as exit_:
+        main.parse_args([f"{flag}="])
+    assert exit_.value.code == 2
+    usage_error(capsys.readouterr().err, f"{flag} is empty: give a path, or leave the flag out")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "3", "--warmup-epochs", "3.0000001"], "--warmup-epochs 3.0000001 is longer than --epochs 3"),
+    (["--lr", "0.001", "--min-lr", "0.0010000001"], "--min-lr 0.0010000001 is above --lr 0.001"),
+])
+def test_a_refusal_shows_the_values_as_given(argv, message, capsys):  # "3 is longer than 3" read as a bug
+    with pytest.raises(SystemExit):
+        main.parse_args(argv)
+    usage_error(capsys.readouterr().err, message)
+
+
+def test_a_rewritten_file_keeps_its_permissions_and_chmod_may_fail(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    with checkpoint.atomic_file(path) as f:
+        f.write(b"first")
+    os.chmod(path, 0o600)  # a private checkpoint
+    with checkpoint.atomic_file(path) as f:
+        f.write(b"second")
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    refused = OSError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "chmod", lambda *a, **k: (_ for _ in ()).throw(refused))  # as on a FAT disk
+    with checkpoint.atomic_file(path) as f:
+        f.write(b"third")
+    assert open(path, "rb").read() == b"third" and temp_files(str(tmp_path)) == []
