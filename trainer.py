@@ -261,7 +261,7 @@ class StepGraph:
 class Trainer:
     def __init__(self, args):
         self.args = args
-        env_rank, env_world, local_rank, _ = distributed_env()
+        _, env_world, local_rank, _ = distributed_env()
         if args.batch_size % env_world:  # checked before the processes rendezvous, so every rank exits at once
             raise TrainingStopped(f"--batch-size {args.batch_size} is the global batch and must divide by the "
                                   f"{env_world} processes: choose a multiple of {env_world}", 2)
