@@ -31,7 +31,7 @@ import torch
 
 import data
 import main
-from cli import OneLineErrors
+from cli import OneLineErrors, nonempty_path
 from models import ViTConfig, VisionTransformer, count_parameters
 from trainer import Trainer, model_config_from_args
 
@@ -285,7 +285,7 @@ def describe_model(model_tokens, num_classes) -> dict:
 def main_cli(argv=None):
     p = OneLineErrors(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--data-dir", help="a folder holding cifar-10-batches-py/ (default: ./data if it holds one, "
+    p.add_argument("--data-dir", type=nonempty_path, help="a folder holding cifar-10-batches-py/ (default: ./data if it holds one, "
                                       "else random images)")
     p.add_argument("--batch-size", type=main.positive_int, default=128)
     p.add_argument("--steps", type=main.positive_int, default=None,
@@ -295,7 +295,7 @@ def main_cli(argv=None):
     p.add_argument("--eval-images", type=main.positive_int, default=None, help="default 1,000 on the CPU, 10,000 on CUDA (at most the test set)")
     p.add_argument("--augment-images", type=main.positive_int, default=None, help="default 5,000 / 50,000 (at most the training set)")
     p.add_argument("--workers", type=main.non_negative_int, default=data.default_workers())
-    p.add_argument("--json", default="bench.json")
+    p.add_argument("--json", default="bench.json", type=nonempty_path)
     p.add_argument("--model-flags", default="", metavar="FLAGS",
                    help=f"main.py model flags for every row, e.g. \"--layers 2 --hidden 64 --mlp-hidden 64 --heads 4\" (any of "
                         f"{', '.join(model_options())}; default: the recipe's model)")

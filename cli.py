@@ -1,4 +1,5 @@
-"""What the command-line scripts (main.py, bench.py, predict.py, plots.py) share: argparse with one-line errors."""
+"""What the command-line scripts (main.py, bench.py, predict.py, plots.py) share: argparse with one-line errors,
+and the type of their path arguments."""
 import argparse
 
 
@@ -7,3 +8,10 @@ class OneLineErrors(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def nonempty_path(value: str) -> str:
+    """A path argument: an empty one ("$CKPT" with CKPT unset) is refused, never taken as the flag left out."""
+    if not value:
+        raise argparse.ArgumentTypeError("empty path: give one, or leave the flag out")
+    return value

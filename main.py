@@ -18,7 +18,7 @@ try:
     import checkpoint
     import data
     import models
-    from cli import OneLineErrors
+    from cli import OneLineErrors, nonempty_path
 except KeyboardInterrupt:  # Ctrl-C while PyTorch loads: one line, like every other stop
     print("error: interrupted while starting; nothing was written", file=sys.stderr)
     sys.exit(130)
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     system = p.add_argument_group("data and system")
     system.add_argument("--dataset", choices=data.DATASETS, default="cifar10", help="which CIFAR")
-    system.add_argument("--data-dir", default="./data",
+    system.add_argument("--data-dir", default="./data", type=nonempty_path,
                         help="folder holding cifar-10-batches-py/ (or cifar-100-python/); downloaded there if absent")
     system.add_argument("--data-pipeline", choices=data.PIPELINES, default="device",
                         help="device: data and augmentation on the training device, in batches (fast); "
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "torchrun")
 
     output = p.add_argument_group("output and checkpoints")
-    output.add_argument("--out-dir", default=argparse.SUPPRESS,  # its default depends on --eval-only: parse_args
+    output.add_argument("--out-dir", default=argparse.SUPPRESS, type=nonempty_path,  # its default depends on --eval-only: parse_args
                         help="folder for metrics.csv, results.png, checkpoints/ and the final report (default: the "
                              "current folder; with --eval-only, the run folder that holds the checkpoint)")
     output.add_argument("--save-every", type=non_negative_int, default=0, help="also keep checkpoints/epoch_N.pt every N epochs (0: never)")
@@ -123,22 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="rewrite results.png, last.pt and best.pt at the end of an epoch once this long has passed "
                              "since they were last written, and after the first and last epochs and on a stop "
                              "(metrics.csv: every epoch; 0: everything every epoch)")
-    output.add_argument("--compare-curve", metavar="CSV",
+    output.add_argument("--compare-curve", metavar="CSV", type=nonempty_path,
                         help="also draw this test-accuracy curve (columns epoch, test_acc) in results.png, e.g. "
                              "reference/seed-test-curve.csv (the reference project's run) or another run's metrics.csv")
-    output.add_argument("--resume", metavar="PATH|auto",
+    output.add_argument("--resume", metavar="PATH|auto", type=nonempty_path,
                         help="continue a run from a checkpoint; auto: <out-dir>/checkpoints/last.pt if present")
     output.add_argument("--eval-only", action="store_true", help="evaluate --checkpoint on the test split and exit")
-    output.add_argument("--checkpoint", help="checkpoint to evaluate with --eval-only")
+    output.add_argument("--checkpoint", type=nonempty_path, help="checkpoint to evaluate with --eval-only")
     return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for flag in ("out_dir", "data_dir", "resume", "checkpoint", "compare_curve"):
-        if getattr(args, flag, None) == "":  # "$CKPT" with CKPT unset: never taken as "not given"
-            parser.error(f"--{flag.replace('_', '-')} is empty: give a path, or leave the flag out")
     if not hasattr(args, "out_dir"):
         args.out_dir = checkpoint.run_folder(args.checkpoint) if args.eval_only and args.checkpoint else "."
     if not args.eval_only and args.warmup_epochs > args.epochs:

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from checkpoint import atomic_file  # noqa: E402
-from cli import OneLineErrors  # noqa: E402
+from cli import OneLineErrors, nonempty_path  # noqa: E402
 
 
 def read_numeric_csv(path: str, columns: tuple, what: str) -> list:
@@ -118,9 +118,9 @@ def plot_results(history: list, path: str, compare: tuple | None = None) -> None
 
 def main(argv=None) -> int:
     p = OneLineErrors(description="Redraw results.png from a run's metrics.csv.")
-    p.add_argument("metrics", help="a run's metrics.csv")
-    p.add_argument("out", help="the image to write: .png (or .pdf, .svg)")
-    p.add_argument("--compare-curve", metavar="CSV", help="a test-accuracy curve to draw dashed (epoch, test_acc)")
+    p.add_argument("metrics", type=nonempty_path, help="a run's metrics.csv")
+    p.add_argument("out", type=nonempty_path, help="the image to write: .png (or .pdf, .svg)")
+    p.add_argument("--compare-curve", metavar="CSV", type=nonempty_path, help="a test-accuracy curve to draw dashed (epoch, test_acc)")
     args = p.parse_args(argv)
     check_output(p, args)
     try:

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from checkpoint import CheckpointError, load_model, probe_writable
-from cli import OneLineErrors
+from cli import OneLineErrors, nonempty_path
 from data import normalize
 from visualize import save_attention_figure
 
@@ -119,13 +119,13 @@ def attention_figure_paths(image_paths, out_dir) -> list:
 
 def parse_args(argv=None):
     parser = OneLineErrors(description="Classify pictures with a trained ViT checkpoint.")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="PNG, JPEG or any picture Pillow reads")
-    parser.add_argument("--checkpoint", required=True, help="a checkpoint written by training, e.g. checkpoints/best.pt")
+    parser.add_argument("images", nargs="+", metavar="IMAGE", type=nonempty_path, help="PNG, JPEG or any picture Pillow reads")
+    parser.add_argument("--checkpoint", required=True, type=nonempty_path, help="a checkpoint written by training, e.g. checkpoints/best.pt")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when available, else cpu")
     parser.add_argument("--attention", action="store_true",
                         help="also write <out-dir>/<image-stem>_attention.png for each image (-2, -3, ... for a repeated stem)")
-    parser.add_argument("--out-dir", default=".", help="folder for the --attention figures (default: .)")
+    parser.add_argument("--out-dir", default=".", type=nonempty_path, help="folder for the --attention figures (default: .)")
     args = parser.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

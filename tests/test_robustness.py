@@ -1015,13 +1015,29 @@ def test_eval_only_refuses_before_reading_the_data(problem, run_dir, fake_data, 
     assert status == 2
 
 
-@pytest.mark.parametrize("flag", ["--out-dir", "--data-dir", "--resume", "--checkpoint", "--compare-curve"])
-def test_an_empty_path_is_refused_not_taken_as_absent(flag, capsys):
-    """`--resume "$CKPT"` with CKPT unset must not start a fresh run without a word."""
+@pytest.mark.parametrize("script, argv, argument", [
+    *[("main.py", [f"{flag}="], flag) for flag in ("--out-dir", "--data-dir", "--resume", "--checkpoint",
+                                                    "--compare-curve")],
+    ("bench.py", ["--data-dir="], "--data-dir"),  # was taken as absent: random images timed without a word
+    ("bench.py", ["--json="], "--json"),
+    ("predict.py", ["", "--checkpoint=x.pt"], "IMAGE"),
+    ("predict.py", ["x.png", "--checkpoint="], "--checkpoint"),
+    ("predict.py", ["x.png", "--checkpoint=x.pt", "--out-dir="], "--out-dir"),
+    ("plots.py", ["", "out.png"], "metrics"),
+    ("plots.py", ["metrics.csv", ""], "out"),
+    ("plots.py", ["metrics.csv", "out.png", "--compare-curve="], "--compare-curve"),
+])
+def test_an_empty_path_is_refused_not_taken_as_absent(script, argv, argument, capsys):
+    """`--resume "$CKPT"` with CKPT unset must not start a fresh run without a word: every script refuses it."""
+    import bench
+    import plots
+    import predict
+    parse = {"main.py": main.parse_args, "bench.py": bench.main_cli, "predict.py": predict.parse_args,
+             "plots.py": plots.main}[script]
     with pytest.raises(SystemExit) as exit_:
-        main.parse_args([f"{flag}="])
+        parse(argv)
     assert exit_.value.code == 2
-    usage_error(capsys.readouterr().err, f"{flag} is empty: give a path, or leave the flag out")
+    usage_error(capsys.readouterr().err, f"argument {argument}: empty path: give one, or leave the flag out")
 
 
 @pytest.mark.parametrize("argv, message", [
