@@ -12,6 +12,9 @@
 # Stages (any order, any subset; run from the repository root with .device/ carried, see README):
 #   bench     bench.py: reference, fast (defaults: the whole step, Adam included, as one CUDA graph), and fast
 #             with --compile-mode reduce-overhead (forward and backward graphed, Adam on the host), profiled
+#   autotune  bench.py's reference and default rows again, with Inductor's GEMM autotuning and coordinate-descent
+#             tuning of its other kernels (TORCHINDUCTOR_MAX_AUTOTUNE=1 TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1):
+#             whether tuned kernels shorten the step, and what they cost in compile time (bench-autotune.*)
 #   full      the 200-epoch default recipe (`python3 main.py`, no flags but the folders and FULL_FLAGS, e.g.
 #             FULL_FLAGS="--compile-mode reduce-overhead" should the tests show the default's graph broken)
 #   tests     the CUDA tests: tests/test_cuda.py and the CUDA cases of tests/test_augment.py (TESTS_K: another
@@ -33,7 +36,7 @@ export PYTHONUNBUFFERED=1
 mkdir -p "$out"
 
 pack() {  # the files the device tool returns: a few on their own, all of them in one archive
-    for f in machine.txt bench.json full_run.log metrics.csv results.png tests.log; do
+    for f in machine.txt bench.json bench-autotune.log full_run.log metrics.csv results.png tests.log; do
         [ -f "$work/$f" ] && cp "$work/$f" "$out/"
     done
     tar czf "$out/session.tar.gz" -C "$work" .
@@ -93,6 +96,11 @@ for stage in "$@"; do
             --json "$work/bench.json" --steps 390 --warmup 20 --profile-steps 10 \
             --fast-flags "" --fast-flags "--compile-mode reduce-overhead" > "$work/bench.log" 2>&1
         echo "bench: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/bench.log" ;;
+    autotune)
+        TORCHINDUCTOR_MAX_AUTOTUNE=1 TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 \
+            timeout "$(limit "${BENCH_SECONDS:-240}")" python3 bench.py --device cuda --data-dir "$data_dir" \
+            --json "$work/bench-autotune.json" --steps 390 --warmup 20 --profile-steps 10 > "$work/bench-autotune.log" 2>&1
+        echo "autotune bench: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/bench-autotune.log" ;;
     full)
         timeout "$(limit "${FULL_RUN_SECONDS:-600}")" python3 main.py --data-dir "$data_dir" --out-dir /tmp/full \
             ${FULL_FLAGS:-} > "$work/full_run.log" 2>&1
@@ -101,7 +109,8 @@ for stage in "$@"; do
         for f in metrics.csv results.png attention.png confusion.png per_class.csv; do cp "/tmp/full/$f" "$work/" 2>/dev/null; done ;;
     tests)
         timeout "$(limit "${TEST_SECONDS:-300}")" python3 -m pytest tests/test_cuda.py tests/test_augment.py \
-            -k "${TESTS_K:-cuda}" -q -rfE --durations=12 -p no:cacheprovider > "$work/tests.log" 2>&1
+            -k "${TESTS_K:-cuda}" -q -rfE --durations=12 -p no:cacheprovider \
+            -o faulthandler_timeout="${TEST_HANG_SECONDS:-120}" > "$work/tests.log" 2>&1
         echo "cuda tests: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/tests.log" ;;
     torchrun)
         common=(--data-dir "$data_dir" --epochs 3 --warmup-epochs 1)
@@ -118,12 +127,14 @@ for stage in "$@"; do
     lossless)
         gather_lossless 2>&1 | tee -a "$work/lossless.log" ;;
     *)
-        echo "unknown stage $stage (bench, full, tests, torchrun, lossless)"; exit 2 ;;
+        echo "unknown stage $stage (bench, autotune, full, tests, torchrun, lossless)"; exit 2 ;;
     esac
 done
 
 echo "==== summary"
-[ -f "$work/bench.log" ] && grep -E "^(config|reference|fast|profile|augmentation|training speed)" "$work/bench.log"
+for log in bench bench-autotune; do
+    [ -f "$work/$log.log" ] && grep -E "^(config|reference|fast|profile|augmentation|training speed|.*bench: exit)" "$work/$log.log"
+done
 [ -f "$work/full_run.log" ] && grep -E "^epoch|^done|full run|^model" "$work/full_run.log" | tail -n 6
 [ -f "$work/tests.log" ] && tail -n 3 "$work/tests.log"
 [ -f "$work/torchrun.log" ] && tail -n 2 "$work/torchrun.log"
