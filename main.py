@@ -110,9 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     system.add_argument("--compile-mode", choices=("auto", "default", "reduce-overhead", "whole-step"), default="auto",
                         help="torch.compile mode on CUDA; reduce-overhead replays the compiled forward and backward "
                              "as CUDA graphs (one process only); whole-step: forward, backward and the Adam step "
-                             "of a full batch as one CUDA graph (one process only); auto: whole-step in one process "
-                             "with the device pipeline, reduce-overhead with the torchvision one, default under "
-                             "torchrun")
+                             "of a full batch as one CUDA graph (one process only); auto: whole-step in one process, "
+                             "default under torchrun")
 
     output = p.add_argument_group("output and checkpoints")
     output.add_argument("--out-dir", default=argparse.SUPPRESS, type=nonempty_path,  # its default depends on --eval-only: parse_args

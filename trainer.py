@@ -104,16 +104,13 @@ def resolve_attention(requested: str, device: torch.device, amp_dtype) -> str:
     return "math" if device.type == "cpu" and amp_dtype is not None else "sdpa"
 
 
-def resolve_compile_mode(requested: str, world: int, pipeline: str) -> str:
-    """auto: one process graphs the step. With the device pipeline the whole step, Adam included, is one CUDA graph
-    (whole-step: 36,199 against reduce-overhead's 27,164 images/s, bench.py on an H100, torch 2.11); the
-    torchvision pipeline keeps reduce-overhead, with which it has run on a GPU (whole-step's test with it did not
-    finish there). Under torchrun: default, as DDP's gradient hooks cannot be graphed."""
+def resolve_compile_mode(requested: str, world: int) -> str:
+    """auto: one process replays the whole training step, Adam included, as one CUDA graph (whole-step: 36,947
+    against reduce-overhead's 29,316 images/s in bench.py on an H100, torch 2.11; with either data pipeline, each
+    run by a CUDA test there). Under torchrun: default, as DDP's gradient hooks cannot be graphed."""
     if requested != "auto":
         return requested
-    if world > 1:
-        return "default"
-    return "whole-step" if pipeline == "device" else "reduce-overhead"
+    return "default" if world > 1 else "whole-step"
 
 
 def resume_command(argv: list, world: int, local_world: int) -> str:
@@ -268,7 +265,7 @@ class Trainer:
         if args.compile_mode in GRAPHED_MODES and env_world > 1:  # DDP's gradient hooks cannot be graphed
             raise TrainingStopped(f"--compile-mode {args.compile_mode} works in one process only: drop it under "
                                   f"torchrun", 2)
-        self.compile_mode = resolve_compile_mode(args.compile_mode, env_world, args.data_pipeline)
+        self.compile_mode = resolve_compile_mode(args.compile_mode, env_world)
         self.device = resolve_device(args.device, local_rank)
         self.rank, self.world = init_distributed(self.device)
         self.is_main = self.rank == 0
