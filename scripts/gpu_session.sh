@@ -2,12 +2,12 @@
 # Everything this project measures on a lent GPU, in stages that fit the device tool's calls
 # (10 minutes per call, 15 minutes per task, machine start included):
 #
-#   CALL_SECONDS=370 TEST_SECONDS=240 TESTS_K="never_waits or adamw or (whole_step and torchvision) or runs_on_cuda_with_compile" \
-#       bash scripts/gpu_session.sh OUT_DIR tests bench            # timeout_s 400
+#   CALL_SECONDS=390 TEST_SECONDS=150 BENCH_SECONDS=160 TESTS_K="(whole_step and torchvision) or never_waits" \
+#       bash scripts/gpu_session.sh OUT_DIR tests bench autotune   # timeout_s 410
 #   CALL_SECONDS=$((LEFT - 40)) bash scripts/gpu_session.sh OUT_DIR full   # at once after it, timeout_s LEFT - 10,
-#                                                        # LEFT: the device's budget_left_s (the full run: about 350 s)
-# (On an H100, 2026-11-27: 5 CUDA-graph tests in 150 s, bench 85 s with three rows of 390 steps, full 379 s;
-# the start and both calls held the machine 675 s of the task's 900.)
+#                                                        # LEFT: the device's budget_left_s (the full run: about 340 s)
+# (On an H100, 2026-11-27 afternoon: 4 CUDA-graph tests in 149 s, bench 91 s with three rows of 390 steps, autotune
+# stopped at its 111 s, full 341 s; the start and both calls held the machine 774 s of the task's 900.)
 #
 # Stages (any order, any subset; run from the repository root with .device/ carried, see README):
 #   bench     bench.py: reference, fast (defaults: the whole step, Adam included, as one CUDA graph), and fast
