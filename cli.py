@@ -1,6 +1,7 @@
 """What the command-line scripts (main.py, bench.py, predict.py, plots.py) share: argparse with one-line errors,
 and the type of their path arguments."""
 import argparse
+import os
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -11,7 +12,8 @@ class OneLineErrors(argparse.ArgumentParser):
 
 
 def nonempty_path(value: str) -> str:
-    """A path argument: an empty one ("$CKPT" with CKPT unset) is refused, never taken as the flag left out."""
+    """A path argument: an empty one ("$CKPT" with CKPT unset) is refused, never taken as the flag left out; a
+    leading ~ the shell left (--data-dir=~/x) is expanded, as torchvision would expand it on its own."""
     if not value:
         raise argparse.ArgumentTypeError("empty path: give one, or leave the flag out")
-    return value
+    return os.path.expanduser(value)

@@ -14,10 +14,17 @@ Both hand the trainer uint8 image batches; `normalize` turns them into model inp
 """
 import os
 import pickle
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from augment import train_augment
 
@@ -65,16 +72,30 @@ def load_cifar(name: str, data_dir: str, download: bool = True) -> Cifar:
 
 
 def _download(name: str, data_dir: str) -> None:
+    """torchvision downloads and extracts into a private folder, renamed into place when complete: a data folder
+    is never seen half-written. The ranks of a torchrun take turns on a lock file in data_dir, so the first
+    downloads and the others, started with it, find the folder there when their turn comes."""
     import torchvision
     dataset_class = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    folder = os.path.join(data_dir, FOLDERS[name])
     try:
-        for train in (True, False):
-            dataset_class(data_dir, train=train, download=True)
+        os.makedirs(data_dir, exist_ok=True)
+        with open(os.path.join(data_dir, f".{name}-download.lock"), "w") as lock:
+            if fcntl:  # POSIX; elsewhere no lock
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if os.path.isdir(folder):  # another rank's download
+                return
+            staging = tempfile.mkdtemp(prefix=f".{name}-download-", dir=data_dir)
+            try:
+                for train in (True, False):
+                    dataset_class(staging, train=train, download=True)
+                os.rename(os.path.join(staging, FOLDERS[name]), folder)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
     except Exception as error:  # urllib/socket/SSL errors differ by platform; all mean "no data"
         raise DataError(f"could not download {name} into {data_dir} ({type(error).__name__}: {error}); "
                         f"when offline, download {_URLS[name]} elsewhere and extract it so that "
-                        f"{os.path.join(data_dir, FOLDERS[name])} exists, or pass --data-dir DIR "
-                        f"where DIR holds {FOLDERS[name]}/") from None
+                        f"{folder} exists, or pass --data-dir DIR where DIR holds {FOLDERS[name]}/") from None
 
 
 def _read_folder(name: str, folder: str) -> Cifar:

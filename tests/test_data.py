@@ -111,6 +111,67 @@ def test_data_dir_that_is_the_batches_folder_itself_names_its_parent(tmp_path, d
                                f"pass the folder that holds it, {tmp_path}")
 
 
+class SlowDownload:
+    """torchvision's dataset class as `_download` calls it: extracts a fake CIFAR-10 into root, file by file."""
+
+    def __init__(self, seconds_per_file):
+        self.seconds_per_file, self.calls = seconds_per_file, []
+
+    def __call__(self, root, train=True, download=False, **kwargs):
+        import time
+        self.calls.append(root)
+        if train:
+            folder = write_fake_cifar(root)
+            for name in sorted(os.listdir(folder)):  # as an extraction would: the folder first, its files later
+                time.sleep(self.seconds_per_file)
+                os.utime(os.path.join(folder, name))
+
+
+def test_ranks_that_start_together_download_once_and_never_read_a_half_written_folder(tmp_path, monkeypatch):
+    """Two ranks of a torchrun (threads here) on one empty data folder: the second waits for the first's
+    download instead of starting its own into the same files or reading a folder still being extracted."""
+    import threading
+    import time
+    import torchvision
+    download = SlowDownload(seconds_per_file=0.05)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", download)
+    data_dir, results = str(tmp_path / "data"), {}
+
+    def rank(name, delay):
+        time.sleep(delay)
+        try:
+            results[name] = data.load_cifar("cifar10", data_dir)
+        except Exception as error:  # reported by the assertion below
+            results[name] = error
+
+    threads = [threading.Thread(target=rank, args=(name, delay)) for name, delay in (("first", 0), ("second", 0.1))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(isinstance(result, data.Cifar) for result in results.values()), results
+    assert torch.equal(results["first"].train_images, results["second"].train_images)
+    assert len(download.calls) == 2  # one download: its train and test calls
+    assert sorted(os.listdir(data_dir)) == [".cifar10-download.lock", "cifar-10-batches-py"]
+
+
+def test_a_failed_download_leaves_no_folder_to_read_next_time(tmp_path, monkeypatch):
+    import torchvision
+
+    def broken(root, train=True, download=False, **kwargs):  # extraction stops half-way
+        folder = write_fake_cifar(root)
+        os.remove(os.path.join(folder, "batches.meta"))
+        raise RuntimeError("File not found or corrupted.")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", broken)
+    data_dir = str(tmp_path / "data")
+    with pytest.raises(data.DataError, match=r"could not download cifar10 .*\(RuntimeError: File not found"):
+        data.load_cifar("cifar10", data_dir)
+    assert not os.path.exists(os.path.join(data_dir, "cifar-10-batches-py"))
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", SlowDownload(seconds_per_file=0))
+    assert data.load_cifar("cifar10", data_dir).num_classes == 10  # the next run downloads again
+
+
 @pytest.mark.parametrize("dataset, folder, error", [
     ("cifar10", "cifar-10-batches-py", urllib.error.URLError("[Errno -3] Temporary failure in name resolution")),
     ("cifar100", "cifar-100-python", OSError(101, "Network is unreachable")),
@@ -131,7 +192,8 @@ def test_missing_folder_when_download_fails_gives_a_one_line_fix(tmp_path, monke
     with pytest.raises(data.DataError) as info:
         data.load_cifar(dataset, data_dir)
     message = str(info.value)
-    assert calls and calls[0][0] == data_dir and calls[0][2] is True
+    assert calls and os.path.dirname(calls[0][0]) == data_dir and calls[0][2] is True  # its private folder
+    assert os.listdir(data_dir) == [f".{dataset}-download.lock"]  # and nothing half-written left behind
     assert "\n" not in message
     assert os.path.join(data_dir, folder) in message  # which folder is missing
     assert "--data-dir" in message and "offline" in message  # how to fix it

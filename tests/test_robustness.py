@@ -1041,6 +1041,14 @@ def test_an_empty_path_is_refused_not_taken_as_absent(script, argv, argument, ca
     usage_error(capsys.readouterr().err, f"argument {argument}: empty path: give one, or leave the flag out")
 
 
+def test_a_tilde_the_shell_left_in_a_path_is_expanded(monkeypatch, tmp_path):
+    """bash leaves ~ in --data-dir=~/x: torchvision would download into $HOME/x while the reading looked in ./~/x."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = main.parse_args(["--data-dir=~/cifar", "--out-dir=~/run"])
+    assert (args.data_dir, args.out_dir) == (str(tmp_path / "cifar"), str(tmp_path / "run"))
+    assert main.parse_args(["--resume", "auto"]).resume == "auto"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--epochs", "3", "--warmup-epochs", "3.0000001"], "--warmup-epochs 3.0000001 is longer than --epochs 3"),
     (["--lr", "0.001", "--min-lr", "0.0010000001"], "--min-lr 0.0010000001 is above --lr 0.001"),
