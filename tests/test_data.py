@@ -120,11 +120,13 @@ class SlowDownload:
     def __call__(self, root, train=True, download=False, **kwargs):
         import time
         self.calls.append(root)
-        if train:
-            folder = write_fake_cifar(root)
-            for name in sorted(os.listdir(folder)):  # as an extraction would: the folder first, its files later
+        if train:  # as an extraction would: the folder first, its files one by one
+            unpacked = write_fake_cifar(os.path.join(root, ".unpacked"))
+            folder = os.path.join(root, data.FOLDERS["cifar10"])
+            os.makedirs(folder)
+            for name in sorted(os.listdir(unpacked)):
                 time.sleep(self.seconds_per_file)
-                os.utime(os.path.join(folder, name))
+                os.rename(os.path.join(unpacked, name), os.path.join(folder, name))
 
 
 def test_ranks_that_start_together_download_once_and_never_read_a_half_written_folder(tmp_path, monkeypatch):
