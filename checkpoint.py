@@ -127,9 +127,13 @@ def load(path: str, map_location="cpu", another: str = "use another checkpoint f
     if problem:
         raise CheckpointError(f"checkpoint {path} {problem}")
     try:
-        with warnings.catch_warnings():  # torch's notes on odd pickles; the error below says what is wrong
+        file = open(path, "rb")
+    except OSError as error:
+        raise CheckpointError(f"checkpoint {path} cannot be read ({error.strerror or error})") from None
+    try:  # from here on every failure is the file's content (a cut file can raise OSError: Invalid argument)
+        with file, warnings.catch_warnings():  # torch's notes on odd pickles; the error below says what is wrong
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            state = torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         reason = _unpickling_reason(error)
         if "GLOBAL" in reason:  # it names code or a class to import: what a malicious pickle needs
@@ -137,8 +141,6 @@ def load(path: str, map_location="cpu", another: str = "use another checkpoint f
                                   f"code, not only tensors and plain values ({reason}); nothing in it was run") from None
         raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint ({reason}): "
                               f"{another}") from None
-    except OSError as error:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({error.strerror or error})") from None
     except Exception as error:  # noqa: BLE001 - a torn or foreign file can fail anywhere inside the unpickler
         raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint "
                               f"({type(error).__name__}): {another}") from None

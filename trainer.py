@@ -148,6 +148,25 @@ def require_writable(folder: str) -> None:
                               2) from None
 
 
+def refuse_non_cifar_model(config, path: str) -> None:
+    """A checkpoint made for other images (no flag of ours makes one) is refused before the data is read."""
+    cifar = ViTConfig()
+    if (config.image_size, config.in_channels) != (cifar.image_size, cifar.in_channels):
+        raise checkpoint.CheckpointError(f"{path} holds a model for {config.image_size}-pixel images with "
+                                         f"{config.in_channels} channels; CIFAR's are {cifar.image_size}-pixel with "
+                                         f"{cifar.in_channels}: use a checkpoint trained here")
+
+
+def trained_for(state: dict) -> str:
+    """How far a checkpoint's run had trained: "epoch 3", or "epoch 3 and 7 steps of epoch 4" (a signal's stop)."""
+    epoch = state.get("epoch", "?")
+    try:
+        position = state["scheduler"]["position"]
+        return f"epoch {epoch} and {int(position['step'])} steps of epoch {int(position['epoch'])}"
+    except (KeyError, TypeError, ValueError, IndexError):  # no position (an epoch's end), or an older checkpoint
+        return f"epoch {epoch}"
+
+
 DistributedEnv = collections.namedtuple("DistributedEnv", "rank world local_rank local_world")
 
 
@@ -563,11 +582,11 @@ class Trainer:
         state = self.state(epoch, position=None, rng_by_rank=rng_by_rank)
         if improved:
             self.pending_best = None if due else copy.deepcopy(state)  # a snapshot: the live tensors keep training
-        if due:
-            self.save(state, "last.pt")
+        if due:  # best.pt first: a stop between the two must not leave a last.pt naming an unsaved best
             if improved:
                 self.save(state, "best.pt")
             self.save_pending_best()
+            self.save(state, "last.pt")
             self.last_write = time.time()
         if args.save_every and epoch % args.save_every == 0:
             self.save(state, f"epoch_{epoch}.pt")
@@ -681,8 +700,13 @@ class Trainer:
         try:
             position = state["scheduler"]["position"]
             stopped = f", stopped at step {int(position['step'])} of the next" if position is not None else ""
+            reached = int(state["epoch"]) + (position is not None)  # the epoch it finished, or stopped in
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise self.malformed_state_error(error) from None
+        if self.args.epochs < reached:  # nothing to train, and a mid-epoch stop's report would be of other weights
+            raise checkpoint.CheckpointError(f"{path} has reached epoch {reached} (epoch {state['epoch']} done"
+                                             f"{stopped}), beyond --epochs {self.args.epochs}: resume with --epochs "
+                                             f"{reached} or more")
         self.check_resume_config(state, data.NUM_CLASSES[self.args.dataset])
         self.log(f"resuming from {path} (epoch {state['epoch']} done{stopped})")
         self.check_recipe_flags(state, stopped_mid_epoch=position is not None)
@@ -750,7 +774,9 @@ class Trainer:
 
     def check_resume_config(self, state, num_classes):
         wanted = dataclasses.asdict(model_config_from_args(self.args, num_classes, self.attention))
-        stored = dataclasses.asdict(checkpoint.model_config_of(state, self.resume_path))  # defaults for older fields
+        stored_config = checkpoint.model_config_of(state, self.resume_path)  # defaults for older fields
+        refuse_non_cifar_model(stored_config, self.resume_path)
+        stored = dataclasses.asdict(stored_config)
         differing = [f"{k}: checkpoint {stored[k]!r}, flags {v!r}" for k, v in wanted.items()
                      if k not in COMPUTE_AND_OUTPUT_FLAGS and stored[k] != v]
         if differing:
@@ -831,6 +857,7 @@ class Trainer:
         after it), and the command that continues it."""
         rng_by_rank = self.rng_states_by_rank()
         if self.is_main:
+            self.save_pending_best()  # before last.pt, which names it (a second signal may end the process)
             self.save(self.state(epoch - 1 if position else epoch, position, rng_by_rank), "last.pt")
         where = f"at epoch {epoch}, step {position['step']}" if position else f"after epoch {epoch}"
         command = resume_command(sys.argv, self.world, distributed_env().local_world)
@@ -843,6 +870,7 @@ class Trainer:
         args = self.args
         self.model, state = checkpoint.load_model(args.checkpoint, attention=self.attention)  # before the data
         config = self.model.config
+        refuse_non_cifar_model(config, args.checkpoint)
         if config.num_classes != data.NUM_CLASSES[args.dataset]:
             raise checkpoint.CheckpointError(f"{args.checkpoint} predicts {config.num_classes} classes but {args.dataset} "
                                              f"has {data.NUM_CLASSES[args.dataset]}: pass the --dataset it was trained on")
@@ -858,7 +886,7 @@ class Trainer:
         self.network = self.model
         self.loss_and_predictions = self._loss_and_predictions  # (build() is not called for eval-only)
         test_loss, test_acc, predictions = self.evaluate(cifar.test_images, cifar.test_labels)
-        self.log(f"eval {args.checkpoint} (epoch {state.get('epoch', '?')}): test loss {test_loss:.4f} "
+        self.log(f"eval {args.checkpoint} ({trained_for(state)}): test loss {test_loss:.4f} "
                  f"acc {test_acc:.2f}% on {len(cifar.test_images):,} {args.dataset} test images")
         if self.is_main:  # named after the checkpoint, so a run's own final report is never replaced
             self.write_report(cifar, predictions, "-" + os.path.splitext(os.path.basename(args.checkpoint))[0])

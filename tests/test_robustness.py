@@ -37,6 +37,7 @@ import data
 import main
 import trainer
 from cli import nonempty_path
+from models import ViTConfig, VisionTransformer
 
 TINY = [*TINY_MODEL, "--patch-size", "8", "--device", "cpu", "--eval-batch-size", "100"]
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # 2 shared cores: threads only contend
@@ -642,6 +643,8 @@ def make_checkpoint(kind, good, path, marker):
         good_bytes = f.read()
     if kind == "truncated":
         _write(path, good_bytes[:len(good_bytes) // 2])
+    elif kind == "cut in its first records":  # torch.load raises OSError (Invalid argument) for such cuts
+        _write(path, good_bytes[:5000])
     elif kind == "empty":
         _write(path, b"")
     elif kind == "text":
@@ -663,6 +666,11 @@ def make_checkpoint(kind, good, path, marker):
     elif kind == "invalid model_config":
         state = _state(good)
         state["model_config"]["heads"] = 5
+        torch.save(state, path)
+    elif kind == "made for other images":  # 64-pixel images: weights that fit their config, but not CIFAR
+        state = _state(good)
+        state["model_config"]["image_size"] = 64
+        state["model"] = VisionTransformer(ViTConfig(**state["model_config"])).state_dict()
         torch.save(state, path)
     elif kind == "no training state":
         state = _state(good)
@@ -686,6 +694,7 @@ def make_checkpoint(kind, good, path, marker):
 BAD_FILE = "is truncated or not a PyTorch checkpoint"
 CHECKPOINT_CASES = {  # kind: (message fragment with --resume, with --eval-only, refused before the data is read)
     "truncated": (BAD_FILE, BAD_FILE, True),
+    "cut in its first records": (BAD_FILE, BAD_FILE, True),
     "empty": (BAD_FILE, BAD_FILE, True),
     "text": (BAD_FILE, BAD_FILE, True),
     "random bytes": (BAD_FILE, BAD_FILE, True),
@@ -696,6 +705,7 @@ CHECKPOINT_CASES = {  # kind: (message fragment with --resume, with --eval-only,
     "weights do not fit": ("the stored weights do not fit its model_config (size mismatch for head.weight",) * 2
     + (False,),
     "invalid model_config": ("has an invalid model_config (hidden size 32 is not divisible by 5 heads",) * 2 + (True,),
+    "made for other images": ("holds a model for 64-pixel images with 3 channels; CIFAR's are 32-pixel",) * 2 + (True,),
     "no training state": ("holds a model but no training state", None, True),
     "malformed training state": ("has a malformed training state", None, False),
     "history without metrics": ("has a malformed training state", None, False),  # else a traceback an epoch later
