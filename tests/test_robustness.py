@@ -325,6 +325,70 @@ def test_signal_at_a_given_step_then_resume_is_bit_identical(tmp_path, fake_data
     assert all(float(row["images_per_second"]) > 0 for row in metric_rows(resumed_dir))  # also after the last step
 
 
+def stop_by_signal_at(monkeypatch, at_epoch, at_step):
+    """The device loader sends SIGTERM to this process while step `at_step` of epoch `at_epoch` runs."""
+    real_epoch = data.DeviceTrainLoader.epoch
+
+    def epoch_with_signal(self, epoch):
+        for step, batch in enumerate(real_epoch(self, epoch), start=1):
+            if (epoch, step) == (at_epoch, at_step):
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield batch
+    monkeypatch.setattr(data.DeviceTrainLoader, "epoch", epoch_with_signal)
+
+
+@pytest.mark.parametrize("write_interval, signal_at", [("0", None), ("1000", (3, 2))])
+def test_last_pt_never_names_a_best_model_that_best_pt_lacks(tmp_path, fake_data, cli, monkeypatch, write_interval,
+                                                             signal_at):
+    """After every checkpoint write, best.pt holds the epoch that last.pt names as the best, or a later one: a
+    process ended between two writes (a second signal, a kill) must not leave a last.pt whose resumed run reports a
+    best model that was never saved. Every epoch improves; with a long --write-interval epoch 2's best waits, and
+    a signal in epoch 3 writes it on the way out."""
+    out_dir = tmp_path / "run"
+    real_save, real_evaluate, stale = checkpoint.save, trainer.Trainer.evaluate, []
+
+    def save_and_check(state, path):
+        real_save(state, path)
+        last, best = out_dir / "checkpoints" / "last.pt", out_dir / "checkpoints" / "best.pt"
+        if last.exists():
+            named = torch.load(last, weights_only=True)["best_epoch"]
+            held = torch.load(best, weights_only=True)["epoch"] if best.exists() else None
+            if held is None or held < named:
+                stale.append((os.path.basename(path), named, held))
+
+    def rising(self, images, labels, **kwargs):
+        loss, _, predictions = real_evaluate(self, images, labels, **kwargs)
+        return loss, 10.0 * (len(self.history) + 1), predictions
+    monkeypatch.setattr(checkpoint, "save", save_and_check)
+    monkeypatch.setattr(trainer.Trainer, "evaluate", rising)
+    if signal_at:
+        stop_by_signal_at(monkeypatch, *signal_at)
+    status, out, err = cli(train_args(fake_data, out_dir, "--write-interval", write_interval, epochs=3))
+    assert status == (128 + signal.SIGTERM if signal_at else 0), err
+    assert torch.load(out_dir / "checkpoints" / "best.pt", weights_only=True)["epoch"] == (2 if signal_at else 3)
+    assert stale == []
+
+
+def test_a_checkpoint_stopped_mid_epoch_says_so_and_needs_its_epoch(tmp_path, fake_data, cli, monkeypatch):
+    """--eval-only names the steps past the last whole epoch (the weights are those, not the epoch's); a resume
+    whose --epochs ends before the epoch it stopped in is refused before any training."""
+    out_dir = tmp_path / "run"
+    stop_by_signal_at(monkeypatch, 2, 5)
+    status, out, err = cli(train_args(fake_data, out_dir, epochs=3))
+    assert status == 128 + signal.SIGTERM, err
+    last = str(out_dir / "checkpoints" / "last.pt")
+    status, out, err = cli([*TINY, "--data-dir", fake_data, "--eval-only", "--checkpoint", last])
+    assert status == 0, err
+    assert f"eval {last} (epoch 1 and 5 steps of epoch 2): test loss" in out
+    monkeypatch.setattr(trainer.Trainer, "train_epoch", lambda *a, **k: pytest.fail("training started"))
+    before = snapshot(str(out_dir / "checkpoints"))
+    status, out, err = cli(train_args(fake_data, out_dir, "--resume", "auto", epochs=1))
+    assert status == 2
+    one_line_error(err, f"{last} has reached epoch 2 (epoch 1 done, stopped at step 5 of the next), beyond "
+                        f"--epochs 1: resume with --epochs 2 or more")
+    assert snapshot(str(out_dir / "checkpoints")) == before
+
+
 @pytest.mark.parametrize("at_epoch", [2, 3])
 def test_signal_during_the_evaluation_stops_after_the_epoch_and_resume_is_bit_identical(tmp_path, fake_data, cli,
                                                                                        monkeypatch, at_epoch):
