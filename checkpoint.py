@@ -23,6 +23,11 @@ import torch
 
 from models import ViTConfig, VisionTransformer
 
+try:
+    import fcntl
+except ImportError:  # Windows: hold_lock locks nothing there
+    fcntl = None
+
 FOLDER = "checkpoints"  # a run's checkpoints: <out-dir>/checkpoints/last.pt, best.pt, epoch_N.pt
 
 
@@ -79,6 +84,19 @@ def probe_writable(folder: str) -> None:
         f.write(b"\0" * 4096)
         f.flush()
         os.fsync(f.fileno())
+
+
+def hold_lock(path: str, wait: bool = True):
+    """An exclusive lock on `path` (created if missing), held while the returned file stays open; the system lets
+    go when the process ends, however it ends. None when another process holds it and wait is False."""
+    file = open(path, "a")
+    if fcntl is not None:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.close()
+            return None
+    return file
 
 
 def _umask() -> int:

@@ -21,12 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
-
 from augment import train_augment
+from checkpoint import hold_lock
 
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
@@ -80,9 +76,7 @@ def _download(name: str, data_dir: str) -> None:
     folder = os.path.join(data_dir, FOLDERS[name])
     try:
         os.makedirs(data_dir, exist_ok=True)
-        with open(os.path.join(data_dir, f".{name}-download.lock"), "w") as lock:
-            if fcntl:  # POSIX; elsewhere no lock
-                fcntl.flock(lock, fcntl.LOCK_EX)
+        with hold_lock(os.path.join(data_dir, f".{name}-download.lock")):
             if os.path.isdir(folder):  # another rank's download
                 return
             staging = tempfile.mkdtemp(prefix=f".{name}-download-", dir=data_dir)

@@ -36,6 +36,7 @@ COMPUTE_AND_OUTPUT_FLAGS = ("eval_batch_size", "data_dir", "data_pipeline", "wor
 
 # Compile modes that replay CUDA graphs: one process only.
 GRAPHED_MODES = ("reduce-overhead", "whole-step")
+RUN_LOCK = ".run.lock"  # in checkpoints/: one run at a time per --out-dir
 
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
                  "images_per_second")
@@ -295,6 +296,7 @@ class Trainer:
         self.checkpoint_dir = os.path.join(self.out_dir, checkpoint.FOLDER)
         self.last_checkpoint = os.path.join(self.checkpoint_dir, "last.pt")
         self.stop_signal = None
+        self.run_lock = None  # the open lock file of this run's out-dir (rank 0): prepare_checkpoint_dir
         self.compare_curve = None  # (label, points) for results.png: --compare-curve, read by fit()
 
     def warn_if_on_cpu(self) -> None:
@@ -428,6 +430,13 @@ class Trainer:
     # ------------------------------------------------------------------------------------ training
 
     def fit(self) -> dict:
+        try:
+            return self.train_run()
+        finally:  # let go of the out-dir (an exiting process would anyway; a caller in-process may start the next)
+            if self.run_lock is not None:
+                self.run_lock.close()
+
+    def train_run(self) -> dict:
         args = self.args
         if args.compare_curve:  # checked by main.parse_args
             self.compare_curve = plots.read_curve(args.compare_curve)
@@ -673,9 +682,15 @@ class Trainer:
                                   f"another --out-dir; the previous {name} is intact") from None
 
     def prepare_checkpoint_dir(self):
-        """An unwritable --out-dir shows before any long work; partial files of writes that were killed
-        (SIGKILL, power loss) are cleared: checkpoints, metrics.csv and results.png."""
+        """An unwritable --out-dir shows before any long work; a run already writing there (whose long first epoch
+        may have written nothing yet) refuses this one; partial files of writes that were killed (SIGKILL, power
+        loss) are cleared: checkpoints, metrics.csv and results.png."""
         require_writable(self.checkpoint_dir)
+        lock = os.path.join(self.checkpoint_dir, RUN_LOCK)
+        self.run_lock = checkpoint.hold_lock(lock, wait=False)  # held until this process ends
+        if self.run_lock is None:
+            raise TrainingStopped(f"another run is writing into {self.out_dir} (it holds {lock}): let it finish or "
+                                  f"stop it first, or give this run another --out-dir", 2)
         checkpoint.remove_leftovers(self.checkpoint_dir)
         checkpoint.remove_leftovers(self.out_dir, ("metrics.csv", "results.png"))
 

@@ -438,7 +438,7 @@ def test_signal_handlers_act_only_in_the_process_that_installed_them(monkeypatch
 
 
 def wait_until_written(run, path):
-    """Waits while the run is alive until `path` exists (epoch 1's best.pt: its checkpoints are complete)."""
+    """Waits while the run is alive until `path` exists (epoch 1's last.pt: its checkpoints are complete)."""
     wait_until(lambda: os.path.exists(path), run.proc, run.stderr)
 
 
@@ -482,7 +482,7 @@ def test_sighup_is_ignored_and_sigint_stops_with_a_working_resume_command(tmp_pa
     run = Run(args)
     assert "starting a new run" in run.wait_for("--resume auto: no ")  # auto with no last.pt: a fresh run
     run.wait_for("epoch 1/2")
-    wait_until_written(run, os.path.join(out_dir, "checkpoints", "best.pt"))
+    wait_until_written(run, os.path.join(out_dir, "checkpoints", "last.pt"))
     run.proc.send_signal(signal.SIGHUP)  # handled first (lowest number): must not stop the run ...
     run.proc.send_signal(signal.SIGINT)  # ... so that SIGINT finds it alive and stops it gracefully
     status, out, err = run.finish()
@@ -508,7 +508,7 @@ def test_second_signal_exits_at_once_without_saving(tmp_path, signal_data, fake_
     run = Run([*TINY, "--data-dir", signal_data, "--out-dir", out_dir, "--epochs", "3", "--warmup-epochs", "0",
                "--batch-size", "8"])
     run.wait_for("epoch 1/3")
-    wait_until_written(run, os.path.join(out_dir, "checkpoints", "best.pt"))
+    wait_until_written(run, os.path.join(out_dir, "checkpoints", "last.pt"))
     run.proc.send_signal(signal.SIGTERM)
     run.proc.send_signal(signal.SIGINT)  # the second: no step to finish, no save
     status, out, err = run.finish()
@@ -522,6 +522,29 @@ def test_second_signal_exits_at_once_without_saving(tmp_path, signal_data, fake_
     assert status == 0, err
     assert [row["epoch"] for row in metric_rows(out_dir)] == ["1", "2", "3"]
     assert temp_files(out_dir) == []
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, signal_data, cli, no_training):
+    """The first run's first epoch writes nothing for a while (minutes on a CPU): a second run started meanwhile
+    into the same --out-dir, fresh or --resume auto, is refused at once and the first goes on undisturbed."""
+    out_dir = str(tmp_path / "run")
+    common = [*TINY, "--data-dir", signal_data, "--out-dir", out_dir, "--warmup-epochs", "0", "--batch-size", "8"]
+    first = Run([*common, "--epochs", "2"])
+    first.wait_for("model:")  # its out-dir is prepared and held
+    first.proc.send_signal(signal.SIGSTOP)  # held still in its first epoch, before any checkpoint
+    try:
+        assert not os.path.exists(os.path.join(out_dir, "checkpoints", "last.pt"))
+        for extra in ([], ["--resume", "auto"]):
+            status, out, err = cli([*common, "--epochs", "3", "--seed", "1", *extra])
+            assert status == 2
+            one_line_error(err, f"error: another run is writing into {out_dir} (it holds "
+                                f"{os.path.join(out_dir, 'checkpoints', trainer.RUN_LOCK)})", "another --out-dir")
+    finally:
+        first.proc.send_signal(signal.SIGCONT)
+    status, out, err = first.finish()
+    assert status == 0, err
+    assert [row["epoch"] for row in metric_rows(out_dir)] == ["1", "2"]
+    assert checkpoint.load(os.path.join(out_dir, "checkpoints", "last.pt"))["config"]["seed"] == 0
 
 
 # ---------------------------------------------------------------------------------------------- resume checks
@@ -649,17 +672,15 @@ def test_full_disk_at_start_is_refused_and_nothing_is_lost(run_dir, fake_data, c
 
 def test_full_disk_at_checkpoint_save_keeps_the_previous_checkpoint(run_dir, fake_data, cli, monkeypatch):
     real_save = torch.save
-    last = os.path.join(run_dir, "checkpoints", "last.pt")
-    with open(last, "rb") as f:
-        last_bytes = f.read()
-    best_before = snapshot(os.path.join(run_dir, "checkpoints"))["best.pt"]
+    checkpoints = os.path.join(run_dir, "checkpoints")
+    before = snapshot(checkpoints)
     monkeypatch.setattr(torch, "save", disk_fills_halfway(real_save))
     status, out, err = cli(train_args(fake_data, run_dir, "--resume", "auto", epochs=2))
     assert status == 1
-    one_line_error(err, f"could not write {last} (No space left on device)", "the previous last.pt is intact")
-    with open(last, "rb") as f:
-        assert f.read() == last_bytes
-    assert snapshot(os.path.join(run_dir, "checkpoints"))["best.pt"] == best_before
+    line = one_line_error(err, f"could not write {checkpoints}{os.sep}", "(No space left on device)")
+    name = "best.pt" if "best.pt (" in line else "last.pt"  # best.pt comes first when epoch 2 improved
+    assert f"the previous {name} is intact" in line
+    assert snapshot(checkpoints) == before
     assert temp_files(run_dir) == []
     assert metric_rows(run_dir)[0]["epoch"] == "1"  # still a whole CSV
     monkeypatch.setattr(torch, "save", real_save)  # space freed: the run continues from epoch 1's checkpoint
