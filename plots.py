@@ -109,9 +109,15 @@ def plot_results(history: list, path: str, compare: tuple | None = None) -> None
         axis.grid(alpha=0.3)
         axis.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # epochs, not 0.96 ... 1.04
     figure.tight_layout()
+    save_figure(figure, path, dpi=100)
+
+
+def save_figure(figure, path: str, dpi: int) -> None:
+    """In the format the name's extension asks for, written whole or not at all (atomic_file): a run killed
+    meanwhile keeps the old file. Closes the figure."""
     try:
         with atomic_file(path) as f:
-            figure.savefig(f, format=image_format(path), dpi=100)
+            figure.savefig(f, format=image_format(path), dpi=dpi)
     finally:
         plt.close(figure)
 

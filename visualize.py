@@ -27,7 +27,9 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
+from checkpoint import atomic_file
 from data import normalize
+from plots import save_figure
 
 DPI = 100
 ATTENTION_CELL_INCHES = 1.5  # every panel of attention.png is 150 x 150 pixels
@@ -114,8 +116,7 @@ def save_attention_figure(model, images_uint8: torch.Tensor, labels, classes: li
     title_inches = 0.45
     figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - title_inches / (rows * ATTENTION_CELL_INCHES),
                            wspace=0.05, hspace=0.45)
-    figure.savefig(path, dpi=DPI)
-    plt.close(figure)
+    save_figure(figure, path, DPI)
 
 
 # ----------------------------------------------------------------------------- confusion
@@ -167,12 +168,11 @@ def save_confusion_figure(matrix: torch.Tensor, classes: list, path: str) -> Non
                 value = normalized[true, predicted]
                 axis.text(predicted, true, f"{value:.2f}", ha="center", va="center", fontsize=8,
                           color="white" if value > 0.5 else "black")
-    figure.savefig(path, dpi=DPI)
-    plt.close(figure)
+    save_figure(figure, path, DPI)
 
 
 def write_per_class_csv(matrix: torch.Tensor, classes: list, path: str) -> None:
-    with open(path, "w", newline="") as f:
+    with atomic_file(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["class", "correct", "total", "accuracy_percent"])
         for name, correct, total, accuracy in per_class_rows(matrix, classes):

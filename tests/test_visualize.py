@@ -1,11 +1,14 @@
+import contextlib
 import csv
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
 from PIL import Image
 
+import plots
 import visualize
 from data import normalize
 from models import ViTConfig, VisionTransformer
@@ -176,3 +179,30 @@ def test_evaluation_report_runs_the_model_once_on_one_image_per_class(tmp_path, 
     assert len(lines) == 12
     assert lines[1].split() == ["airplane", "3", "3", "100.00%"]
     assert lines[-1].split() == ["all", "15", "30", "50.00%"]
+
+
+@pytest.mark.parametrize("failing", ["confusion.png", "per_class.csv"])
+def test_a_report_write_that_fails_half_way_keeps_the_old_file(tmp_path, monkeypatch, failing):
+    """A run killed (or a disk filled) during its final report leaves each report file old or new, never torn."""
+    import checkpoint
+    labels, images = torch.arange(20) % 10, random_images(20)
+    visualize.write_evaluation_report(tiny_model(), images, labels, labels, CLASSES, str(tmp_path))
+    before = {name: (tmp_path / name).read_bytes() for name in ("attention.png", "confusion.png", "per_class.csv")}
+    real_atomic_file = checkpoint.atomic_file
+
+    @contextlib.contextmanager
+    def dies_after_a_few_bytes(path, *args, **kwargs):
+        with real_atomic_file(path, *args, **kwargs) as f:
+            if os.path.basename(path) != failing:
+                yield f
+                return
+            f.write(b"torn" if "b" in f.mode else "torn")
+            raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(visualize, "atomic_file", dies_after_a_few_bytes)
+    monkeypatch.setattr(plots, "atomic_file", dies_after_a_few_bytes)
+    with pytest.raises(OSError):
+        visualize.write_evaluation_report(tiny_model(seed=1), images, labels, (labels + 1) % 10, CLASSES,
+                                          str(tmp_path))
+    assert (tmp_path / failing).read_bytes() == before[failing]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)  # no temporary file left
