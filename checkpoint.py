@@ -96,6 +96,8 @@ def hold_lock(path: str, wait: bool = True):
         except BlockingIOError:
             file.close()
             return None
+        except OSError:  # a filesystem without locks (some network mounts): go on unlocked
+            pass
     return file
 
 

@@ -1167,3 +1167,13 @@ def test_a_rewritten_file_keeps_its_permissions_and_chmod_may_fail(tmp_path, mon
     with checkpoint.atomic_file(path) as f:
         f.write(b"third")
     assert open(path, "rb").read() == b"third" and temp_files(str(tmp_path)) == []
+
+
+def test_a_folder_whose_filesystem_refuses_locks_still_trains(tmp_path, fake_data, cli, monkeypatch):
+    """Some network mounts answer flock with ENOLCK: the run goes on without the lock rather than stopping."""
+    def no_locks(file, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(checkpoint.fcntl, "flock", no_locks)
+    status, out, err = cli(train_args(fake_data, tmp_path / "run"))
+    assert status == 0, err
+    assert [row["epoch"] for row in metric_rows(str(tmp_path / "run"))] == ["1"]
