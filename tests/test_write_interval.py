@@ -53,8 +53,9 @@ def test_long_interval_writes_after_the_first_and_last_epochs(fake_cifar10, tmp_
     saves, plotted = recorded
     scripted_accuracies(monkeypatch, [10.0, 30.0, 20.0, 15.0])
     assert run(fake_cifar10, tmp_path, "--write-interval", "1000") == 0
-    # epoch 2's improvement waits in memory and reaches best.pt at the next write (epoch 4, the last)
-    assert saves == [("last.pt", 1), ("best.pt", 1), ("last.pt", 4), ("best.pt", 2)]
+    # epoch 2's improvement waits in memory and reaches best.pt at the next write (epoch 4, the last), before the
+    # last.pt that names it
+    assert saves == [("best.pt", 1), ("last.pt", 1), ("best.pt", 2), ("last.pt", 4)]
     assert plotted == [1, 4]
     assert len(open(tmp_path / "metrics.csv").read().splitlines()) == 5  # header + every epoch
     best = checkpoint.load(str(tmp_path / "checkpoints" / "best.pt"))
@@ -67,8 +68,8 @@ def test_zero_interval_writes_every_epoch(fake_cifar10, tmp_path, recorded, monk
     saves, plotted = recorded
     scripted_accuracies(monkeypatch, [10.0, 30.0, 20.0, 40.0])
     assert run(fake_cifar10, tmp_path, "--write-interval", "0") == 0
-    assert saves == [("last.pt", 1), ("best.pt", 1), ("last.pt", 2), ("best.pt", 2), ("last.pt", 3),
-                     ("last.pt", 4), ("best.pt", 4)]
+    assert saves == [("best.pt", 1), ("last.pt", 1), ("best.pt", 2), ("last.pt", 2), ("last.pt", 3),
+                     ("best.pt", 4), ("last.pt", 4)]
     assert plotted == [1, 2, 3, 4]
 
 
@@ -77,6 +78,6 @@ def test_a_stopped_run_still_writes_its_deferred_best(fake_cifar10, tmp_path, re
     scripted_accuracies(monkeypatch, [10.0, 30.0, float("nan")])
     assert run(fake_cifar10, tmp_path, "--write-interval", "1000") != 0
     assert "non-finite test loss" in capsys.readouterr().err
-    assert saves == [("last.pt", 1), ("best.pt", 1), ("best.pt", 2)]  # last.pt stays at the last good write
+    assert saves == [("best.pt", 1), ("last.pt", 1), ("best.pt", 2)]  # last.pt stays at the last good write
     assert plotted == [1, 2]
     assert checkpoint.load(str(tmp_path / "checkpoints" / "best.pt"))["epoch"] == 2
