@@ -25,20 +25,25 @@ import os
 import platform
 import resource
 import shlex
+import sys
 import time
 
 import torch
 
 import data
 import main
-from cli import OneLineErrors, nonempty_path
+from cli import OneLineErrors, nonempty_path, run_script
 from models import ViTConfig, VisionTransformer, count_parameters
 from trainer import Trainer, model_config_from_args
 
 REFERENCE_FLAGS = ["--data-pipeline", "torchvision", "--attention", "math", "--precision", "fp32", "--no-compile"]
 # main.py flags that bench.py sets for every row, and what to do instead of giving them in a row's flags
+_TIMES_STEPS = "bench.py times training steps, not a run: drop it"
 SET_FOR_EVERY_ROW = {"--device": "pass it to bench.py", "--batch-size": "pass it to bench.py",
-                     "--workers": "pass it to bench.py", "--epochs": "bench.py times steps, not epochs: drop it"}
+                     "--workers": "pass it to bench.py", "--data-dir": "pass it to bench.py",
+                     **{flag: _TIMES_STEPS for flag in ("--epochs", "--warmup-epochs", "--min-lr", "--dataset",
+                                                        "--out-dir", "--save-every", "--write-interval",
+                                                        "--compare-curve", "--resume", "--eval-only", "--checkpoint")}}
 
 
 def forward_flops_per_image(config: ViTConfig) -> int:
@@ -98,7 +103,7 @@ def bench_training(name, flags, cifar, opts):
     synchronize(device)
     eval_ips = len(test_images) / (time.perf_counter() - start)
 
-    epoch_seconds = len(cifar.train_images) / train_ips + 10_000 / eval_ips
+    epoch_seconds = len(cifar.train_images) / train_ips + len(cifar.test_images) / eval_ips
     result = {"config": name, "flags": " ".join(flags) or "(defaults)", "settings": trainer.settings_label(),
               "parameters": count_parameters(trainer.model),
               "train_images_per_s": train_ips, "eval_images_per_s": eval_ips, "peak_memory_mib": peak_memory_mib(device),
@@ -114,12 +119,12 @@ def bench_row(name, flags, cifar, opts):
     """One row of the table; a configuration that fails (a compiler error, say) is recorded with its error
     and the other rows still run, so one broken mode does not cost a whole benchmark run on a lent GPU."""
     try:
-        return bench_training(name, flags, cifar, opts)
-    except Exception as error:  # any failure of this configuration, reported rather than raised
+        result = bench_training(name, flags, cifar, opts)
+    except Exception as error:  # any failure of this configuration, reported rather than raised (not a Ctrl-C)
         print(f"{name} failed: {type(error).__name__}: {error}", flush=True)
-        return {"config": name, "flags": " ".join(flags) or "(defaults)", "error": f"{type(error).__name__}: {error}"}
-    finally:
-        torch._dynamo.reset()  # each row compiles afresh, in its own mode
+        result = {"config": name, "flags": " ".join(flags) or "(defaults)", "error": f"{type(error).__name__}: {error}"}
+    torch._dynamo.reset()  # each row compiles afresh, in its own mode
+    return result
 
 
 def profile_training(trainer, loader, opts, name):
@@ -260,7 +265,11 @@ def check_row_flags(parser, option, flags) -> list:
     """The main.py flags of a --model-flags or --fast-flags string, as tokens; one line, before any work, for
     a flag it may not hold (one bench.py sets for every row; a model flag in --fast-flags, any other flag in
     --model-flags) or one main.py's parser refuses."""
-    tokens, where, model = shlex.split(flags), f"{option} {flags!r}", model_options()
+    where, model = f"{option} {flags!r}", model_options()
+    try:
+        tokens = shlex.split(flags)
+    except ValueError as error:  # "No closing quotation"
+        parser.error(f"{where}: {error}: quote the flags as a shell would")
     for name in options_named(tokens):
         if name in SET_FOR_EVERY_ROW:
             parser.error(f"{where}: every row uses bench.py's own {name}; {SET_FOR_EVERY_ROW[name]}")
@@ -282,6 +291,18 @@ def describe_model(model_tokens, num_classes) -> dict:
             "forward_gflop_per_image": forward_flops_per_image(config) / 1e9}
 
 
+def row_flags_joined(argv: list) -> list:
+    """`--fast-flags --no-compile` read as `--fast-flags=--no-compile`: argparse takes a lone value starting with
+    a dash for an option and refuses it ("expected one argument")."""
+    joined = []
+    for token in argv:
+        if joined and joined[-1] in ("--fast-flags", "--model-flags") and token.startswith("-"):
+            joined[-1] = f"{joined[-1]}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
 def main_cli(argv=None):
     p = OneLineErrors(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -295,15 +316,18 @@ def main_cli(argv=None):
     p.add_argument("--eval-images", type=main.positive_int, default=None, help="default 1,000 on the CPU, 10,000 on CUDA (at most the test set)")
     p.add_argument("--augment-images", type=main.positive_int, default=None, help="default 5,000 / 50,000 (at most the training set)")
     p.add_argument("--workers", type=main.non_negative_int, default=data.default_workers())
-    p.add_argument("--json", default="bench.json", type=nonempty_path)
+    p.add_argument("--json", default="bench.json", type=nonempty_path, help="results file, a .json (replaced)")
     p.add_argument("--model-flags", default="", metavar="FLAGS",
                    help=f"main.py model flags for every row, e.g. \"--layers 2 --hidden 64 --mlp-hidden 64 --heads 4\" (any of "
                         f"{', '.join(model_options())}; default: the recipe's model)")
     p.add_argument("--fast-flags", action="append",
-                   help="main.py flags for a fast row; repeat for several rows (default: one row, the defaults)")
+                   help="main.py flags for a fast row, e.g. \"--compile-mode reduce-overhead\" or --no-compile; repeat "
+                        "for several rows (default: one row, the defaults)")
     p.add_argument("--profile-steps", type=main.non_negative_int, default=0,
                    help="after timing, profile this many steps of each row (torch.profiler; 0: off)")
-    opts = p.parse_args(argv)
+    opts = p.parse_args(row_flags_joined(sys.argv[1:] if argv is None else argv))
+    if not opts.json.endswith(".json"):  # it is replaced: never a checkpoint or a log given by mistake
+        p.error(f"--json {opts.json} is not a .json file name: give one, e.g. bench.json")
     try:  # written at the end: a path that cannot take it is refused before the work
         existed = os.path.exists(opts.json)
         with open(opts.json, "a"):
@@ -316,8 +340,7 @@ def main_cli(argv=None):
         p.error(f"--data-dir {opts.data_dir} holds no {data.FOLDERS['cifar10']}/: fix the path, or leave --data-dir "
                 f"out to time random images")
     opts.model_tokens = check_row_flags(p, "--model-flags", opts.model_flags)
-    for flags in opts.fast_flags or []:
-        check_row_flags(p, "--fast-flags", flags)
+    fast_rows = [check_row_flags(p, "--fast-flags", flags) for flags in opts.fast_flags or [""]]
     from trainer import TrainingStopped, resolve_device
     try:
         device = resolve_device(opts.device)
@@ -340,6 +363,9 @@ def main_cli(argv=None):
                                ("--eval-images", opts.eval_images, test_held)):
         if wanted > held:
             p.error(f"{flag} asks for {wanted:,} images but the data holds {held:,}: ask for fewer")
+    if opts.profile_steps > opts.steps:
+        p.error(f"--profile-steps {opts.profile_steps} is more than --steps {opts.steps}: the profile runs on the "
+                f"timed steps' batches, so it can be at most as many")
     if opts.warmup > opts.steps:
         p.error(f"--warmup {opts.warmup} is more than --steps {opts.steps}: the warm-up runs on the timed steps' "
                 f"batches, so it can be at most as many")
@@ -352,8 +378,7 @@ def main_cli(argv=None):
     print(header, flush=True)
     results = []
     configs = [("reference", REFERENCE_FLAGS)]
-    fast_flags = opts.fast_flags or [""]
-    configs += [("fast" if i == 0 else f"fast-{i + 1}", shlex.split(flags)) for i, flags in enumerate(fast_flags)]
+    configs += [("fast" if i == 0 else f"fast-{i + 1}", tokens) for i, tokens in enumerate(fast_rows)]
     for name, flags in configs:
         results.append(bench_row(name, flags, cifar, opts))
         print(json.dumps(results[-1]), flush=True)
@@ -364,4 +389,4 @@ def main_cli(argv=None):
 
 
 if __name__ == "__main__":
-    main_cli()
+    run_script(main_cli)

@@ -1,7 +1,8 @@
 """What the command-line scripts (main.py, bench.py, predict.py, plots.py) share: argparse with one-line errors,
-and the type of their path arguments."""
+the type of their path arguments, and a Ctrl-C that ends them in one line."""
 import argparse
 import os
+import sys
 
 
 class OneLineErrors(argparse.ArgumentParser):
@@ -17,3 +18,13 @@ def nonempty_path(value: str) -> str:
     if not value:
         raise argparse.ArgumentTypeError("empty path: give one, or leave the flag out")
     return os.path.expanduser(value)
+
+
+def run_script(main) -> None:
+    """sys.exit(main()); a Ctrl-C ends the script with one line and status 130, not a traceback."""
+    try:
+        status = main()
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); files already written are kept", file=sys.stderr, flush=True)
+        status = 130
+    sys.exit(status)

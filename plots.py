@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from checkpoint import atomic_file  # noqa: E402
-from cli import OneLineErrors, nonempty_path  # noqa: E402
+from cli import OneLineErrors, nonempty_path, run_script  # noqa: E402
 
 
 def read_numeric_csv(path: str, columns: tuple, what: str) -> list:
@@ -95,8 +95,9 @@ def plot_results(history: list, path: str, compare: tuple | None = None) -> None
     if compare:
         label, points = compare
         acc_axis.plot([e for e, _ in points], [a for _, a in points], "--", color="gray", label=f"test, {label}")
-    if history:
-        best = max(history, key=lambda r: r["test_acc"])
+    finite = [r for r in history if math.isfinite(r["test_acc"])]  # a NaN compares as neither more nor less
+    if finite:
+        best = max(finite, key=lambda r: r["test_acc"])
         acc_axis.scatter([best["epoch"]], [best["test_acc"]], color="red", zorder=3,
                          label=f"best {best['test_acc']:.2f}% (epoch {best['epoch']})")
     acc_axis.set(title="accuracy (%)", xlabel="epoch")
@@ -140,4 +141,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

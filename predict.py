@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from checkpoint import CheckpointError, load_model, probe_writable
-from cli import OneLineErrors, nonempty_path
+from cli import OneLineErrors, nonempty_path, run_script
 from data import normalize
 from visualize import save_attention_figure
 
@@ -78,7 +78,7 @@ def read_image(path: str, size: int) -> Prediction:
         reason = "not an image file Pillow can read"
     except OSError as error:  # missing file, a folder, no permission, a truncated image
         reason = error.strerror or str(error)
-    except (ValueError, Image.DecompressionBombError) as error:
+    except (ValueError, SyntaxError, Image.DecompressionBombError) as error:  # SyntaxError: Pillow's broken PNG chunk
         reason = str(error)
     return Prediction(path, error=reason.strip().splitlines()[0] if reason.strip() else "unreadable")
 
@@ -157,20 +157,27 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
 
+    status = 0  # 1 once an image or a figure failed; the others still go on
     results = predict_images(model, classes, args.images)
     for result, figure_path in zip(results, attention_figure_paths(args.images, args.out_dir)):
         if result.error is not None:
             print(f"error: {result.path}: {result.error}", file=sys.stderr)
+            status = 1
             continue
         print(result.path)
         width = max(len(name) for name, _ in result.top)
         for rank, (name, probability) in enumerate(result.top, start=1):
             print(f"  {rank}. {name:<{width}}  {100 * probability:6.2f}%")
         if args.attention:
-            save_attention_figure(model, result.image[None], None, classes, figure_path)
-            print(f"  attention: {figure_path}")
-    return 1 if any(result.error is not None for result in results) else 0
+            try:
+                save_attention_figure(model, result.image[None], None, classes, figure_path)
+                print(f"  attention: {figure_path}")
+            except OSError as error:  # a full disk, a folder in the way
+                print(f"error: could not write {figure_path} ({error.strerror or error}): free disk space or "
+                      f"choose another --out-dir", file=sys.stderr)
+                status = 1
+    return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -139,7 +139,7 @@ def no_work(*args, **kwargs):
 @pytest.mark.parametrize("args, fragment", [
     (["--json", "/nonexistent-folder/bench.json"], "--json /nonexistent-folder/bench.json: cannot write it (No such "
                                                    "file or directory)"),
-    (["--json", "/tmp"], "--json /tmp: cannot write it (Is a directory)"),  # was found only at the end
+    (["--json", "/tmp"], "--json /tmp is not a .json file name"),
     (["--model-flags", "--heads 5"], "--model-flags '--heads 5': --hidden 384 is not divisible by --heads 5"),
     (["--fast-flags", "--heads 5"], "--fast-flags '--heads 5': --heads changes the model, which all rows share: "
                                     "pass it in --model-flags"),
@@ -157,7 +157,13 @@ def no_work(*args, **kwargs):
                                        "pass it to bench.py"),
     (["--model-flags", "--workers 3"], "--model-flags '--workers 3': every row uses bench.py's own --workers"),
     (["--fast-flags", "--epochs 5"], "--fast-flags '--epochs 5': every row uses bench.py's own --epochs; "
-                                     "bench.py times steps, not epochs: drop it"),
+                                     "bench.py times training steps, not a run: drop it"),
+    *[(["--fast-flags", flags], f"--fast-flags '{flags}': every row uses bench.py's own {flags.split()[0]}")
+      for flags in ("--dataset cifar100", "--out-dir /tmp/x", "--resume last.pt", "--eval-only", "--data-dir /d",
+                    "--compare-curve c.csv", "--save-every 2")],  # were accepted, and ignored
+    (["--fast-flags", '"--precision bf16'], "--fast-flags '\"--precision bf16': No closing quotation: quote the "
+                                            "flags as a shell would"),  # was a traceback
+    (["--json", "last.pt"], "--json last.pt is not a .json file name"),  # was replaced without a word
     (["--fast-flags=--help"], "--fast-flags '--help': not flags for a training row"),
     (["--fast-flags", "--d 0.1"], "--fast-flags '--d 0.1': ambiguous option: --d could match --dropout, "),
     (["--data-dir", "/nonexistent-data"], "--data-dir /nonexistent-data holds no cifar-10-batches-py/"),
@@ -174,6 +180,7 @@ def test_bad_bench_input_stops_before_any_work(args, fragment, capsys, monkeypat
     (["--augment-images", "201"], "--augment-images asks for 201 images but the data holds 200"),  # was counted 201
     (["--eval-images", "51"], "--eval-images asks for 51 images but the data holds 50"),
     (["--steps", "2", "--warmup", "3"], "--warmup 3 is more than --steps 2"),
+    (["--steps", "2", "--profile-steps", "3"], "--profile-steps 3 is more than --steps 2"),  # profiled 2, silently
 ])
 def test_requests_the_data_cannot_meet_stop_before_any_timing(args, fragment, tmp_path, capsys, monkeypatch):
     """Checked once the data is read (its size is known then), before the first row is timed."""
@@ -188,3 +195,29 @@ def test_a_damaged_data_folder_is_one_line(tmp_path, capsys, monkeypatch):
     os.remove(os.path.join(write_fake_cifar(str(tmp_path)), "batches.meta"))
     assert_refused(["--device", "cpu", "--data-dir", str(tmp_path), "--json", str(tmp_path / "b.json")],
                    "batches.meta is missing", capsys)
+
+
+def test_a_one_word_flag_string_is_taken_as_the_row_flags():
+    """argparse alone refuses `--fast-flags --no-compile` ("expected one argument")."""
+    assert bench.row_flags_joined(["--fast-flags", "--no-compile", "--model-flags", "--no-mlp-final-gelu",
+                                   "--fast-flags", "--compile-mode whole-step", "--steps", "3"]) == [
+        "--fast-flags=--no-compile", "--model-flags=--no-mlp-final-gelu", "--fast-flags=--compile-mode whole-step",
+        "--steps", "3"]
+    assert bench.row_flags_joined(["--fast-flags", "", "--steps", "3"]) == ["--fast-flags", "", "--steps", "3"]
+
+
+def test_ctrl_c_in_a_row_is_not_taken_for_the_rows_failure(monkeypatch):
+    """A failing row is recorded and the bench goes on; a Ctrl-C must end it (as one line, cli.run_script)."""
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "bench_training", interrupted)
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: pytest.fail("reset during an interrupt"))
+    with pytest.raises(KeyboardInterrupt):
+        bench.bench_row("fast", [], None, None)
+
+
+def test_a_json_path_that_is_a_folder_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "load_data", no_work)
+    (tmp_path / "bench.json").mkdir()
+    assert_refused(["--device", "cpu", "--json", str(tmp_path / "bench.json")],
+                   f"--json {tmp_path / 'bench.json'}: cannot write it (Is a directory)", capsys)  # found only at the end

@@ -53,6 +53,17 @@ def test_a_single_epoch_is_drawn_as_points(tmp_path, monkeypatch):
     assert all(float(t).is_integer() for axis in ticks[1] for t in axis)
 
 
+def test_the_best_epoch_marked_is_never_a_nan_row(tmp_path, monkeypatch):
+    close, figures = plots.plt.close, []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    history = [dict(row, test_acc=float("nan")) if row["epoch"] == 1 else row for row in HISTORY]
+    plots.plot_results(history, str(tmp_path / "nan.png"))
+    labels = [text.get_text() for text in figures[0].axes[1].get_legend().get_texts()]
+    close(figures[0])
+    best = max(HISTORY[1:], key=lambda row: row["test_acc"])
+    assert f"best {best['test_acc']:.2f}% (epoch {best['epoch']})" in labels
+
+
 @pytest.mark.parametrize("text, problem", [("", "holds no rows"), ("epoch,test_acc\n", "holds no rows"),
                                            ("epoch,acc\n1,50\n", "not a test-accuracy curve"),
                                            ("epoch,test_acc\n1,high\n", "numeric columns epoch, test_acc"),

@@ -1,7 +1,10 @@
 import dataclasses
+import io
 import os
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -128,6 +131,20 @@ def test_palette_image_is_read_as_its_colours(tmp_path, model):
     assert torch.equal(result.image, torch.from_numpy(expected).permute(2, 0, 1))
 
 
+def png_with_a_broken_second_idat(pixels) -> bytes:
+    """A PNG whose image data is split over two chunks, the second with an invalid type (ID@T)."""
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    start = png.index(b"IDAT") - 4
+    size = struct.unpack(">I", png[start:start + 4])[0]
+    payload = png[start + 8:start + 8 + size]
+    return (png[:start] + chunk(b"IDAT", payload[:size // 2]) + chunk(b"ID@T", payload[size // 2:])
+            + chunk(b"IEND", b""))
+
+
 def test_bad_files_get_a_reason_and_the_others_are_still_predicted(tmp_path, model):
     good = save_image(tmp_path / "good.png", random_pixels(32, 32))
     text = tmp_path / "notes.png"
@@ -135,7 +152,9 @@ def test_bad_files_get_a_reason_and_the_others_are_still_predicted(tmp_path, mod
     truncated = tmp_path / "truncated.jpg"
     save_image(truncated, random_pixels(200, 200))
     truncated.write_bytes(truncated.read_bytes()[:1000])
-    paths = [str(text), good, str(tmp_path / "missing.jpg"), str(tmp_path), str(truncated), good]
+    broken_chunk = tmp_path / "broken_chunk.png"  # Pillow raises SyntaxError for a corrupt chunk name
+    broken_chunk.write_bytes(png_with_a_broken_second_idat(random_pixels(32, 32)))
+    paths = [str(text), good, str(tmp_path / "missing.jpg"), str(tmp_path), str(truncated), good, str(broken_chunk)]
 
     results = predict.predict_images(model, CLASSES, paths)
 
@@ -144,7 +163,8 @@ def test_bad_files_get_a_reason_and_the_others_are_still_predicted(tmp_path, mod
     assert results[2].error == "No such file or directory"
     assert results[3].error == "Is a directory"
     assert "truncated" in results[4].error
-    for bad in (results[0], results[2], results[3], results[4]):
+    assert "broken PNG file" in results[6].error
+    for bad in (results[0], results[2], results[3], results[4], results[6]):
         assert bad.top is None and "\n" not in bad.error
     for ok in (results[1], results[5]):
         assert ok.error is None and len(ok.top) == 5
@@ -210,6 +230,21 @@ def test_attention_into_a_folder_that_cannot_be_written_is_refused_before_any_wo
     last = lines[0]
     assert f"--out-dir {blocker / 'figures'}: cannot write there (" in last
     assert last.endswith("choose another folder for the --attention figures")
+
+
+def test_a_figure_that_cannot_be_written_is_one_line_and_the_other_images_go_on(tmp_path, capsys):
+    checkpoint_path = save_checkpoint(tmp_path / "model.pt")
+    first, second = (save_image(tmp_path / name, random_pixels(32, 32)) for name in ("cat.png", "dog.png"))
+    out_dir = tmp_path / "figures"
+    (out_dir / "cat_attention.png").mkdir(parents=True)  # a folder where the first figure goes
+    status = predict.main([first, second, "--checkpoint", checkpoint_path, "--device", "cpu", "--attention",
+                           "--out-dir", str(out_dir)])
+    out, err = capsys.readouterr()
+    assert status == 1
+    assert err == (f"error: could not write {out_dir / 'cat_attention.png'} (Is a directory): free disk space or "
+                   f"choose another --out-dir\n")
+    assert out.splitlines()[0] == first and second in out.splitlines()
+    assert (out_dir / "dog_attention.png").is_file()
 
 
 def test_attention_figures_of_images_with_the_same_name_do_not_replace_each_other(tmp_path):

@@ -36,7 +36,7 @@ import checkpoint
 import data
 import main
 import trainer
-from cli import nonempty_path
+from cli import nonempty_path, run_script
 from models import ViTConfig, VisionTransformer
 
 TINY = [*TINY_MODEL, "--patch-size", "8", "--device", "cpu", "--eval-batch-size", "100"]
@@ -1177,3 +1177,16 @@ def test_a_folder_whose_filesystem_refuses_locks_still_trains(tmp_path, fake_dat
     status, out, err = cli(train_args(fake_data, tmp_path / "run"))
     assert status == 0, err
     assert [row["epoch"] for row in metric_rows(str(tmp_path / "run"))] == ["1"]
+
+
+def test_ctrl_c_ends_bench_predict_and_plots_in_one_line(capsys):
+    """Their `__main__` runs through cli.run_script (main.py has its own handling, with the resume command)."""
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as exit_:
+        run_script(interrupted)
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == "error: interrupted (Ctrl-C); files already written are kept\n"
+    for script, entry in (("bench.py", "main_cli"), ("predict.py", "main"), ("plots.py", "main")):
+        with open(os.path.join(ROOT, script)) as f:
+            assert f.read().endswith(f'if __name__ == "__main__":\n    run_script({entry})\n'), script
