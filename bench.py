@@ -37,13 +37,13 @@ from models import ViTConfig, VisionTransformer, count_parameters
 from trainer import Trainer, model_config_from_args
 
 REFERENCE_FLAGS = ["--data-pipeline", "torchvision", "--attention", "math", "--precision", "fp32", "--no-compile"]
-# main.py flags that bench.py sets for every row, and what to do instead of giving them in a row's flags
-_TIMES_STEPS = "bench.py times training steps, not a run: drop it"
-SET_FOR_EVERY_ROW = {"--device": "pass it to bench.py", "--batch-size": "pass it to bench.py",
-                     "--workers": "pass it to bench.py", "--data-dir": "pass it to bench.py",
-                     **{flag: _TIMES_STEPS for flag in ("--epochs", "--warmup-epochs", "--min-lr", "--dataset",
-                                                        "--out-dir", "--save-every", "--write-interval",
-                                                        "--compare-curve", "--resume", "--eval-only", "--checkpoint")}}
+# main.py flags a row may not hold, and what to do instead
+NOT_ROW_FLAGS = {
+    **{flag: f"every row uses bench.py's own {flag}: pass it to bench.py"
+       for flag in ("--device", "--batch-size", "--workers", "--data-dir")},
+    **{flag: f"{flag} belongs to a training run, and bench.py times steps: drop it"
+       for flag in ("--epochs", "--warmup-epochs", "--min-lr", "--dataset", "--out-dir", "--save-every",
+                    "--write-interval", "--compare-curve", "--resume", "--eval-only", "--checkpoint")}}
 
 
 def forward_flops_per_image(config: ViTConfig) -> int:
@@ -216,9 +216,10 @@ def print_table(results, augmentation, header):
         if "error" in r:
             print(f"{r['config']:<10} failed: {r['error'][:200]}  {r['flags']}")
             continue
+        tflops = f"{r['train_tflops']:.1f}" if "train_tflops" in r else "-"  # counted on CUDA only
         print(f"{r['config']:<10} {r['train_images_per_s']:>12,.0f} {r['train_images_per_s'] / reference_ips:>7.1f}x "
               f"{r['eval_images_per_s']:>11,.0f} {r['peak_memory_mib']:>9,.0f} {r['projected_epoch_s']:>8.1f} "
-              f"{r['projected_200_epochs_min']:>11.1f} {r.get('train_tflops', float('nan')):>8.1f}  {r['flags']} "
+              f"{r['projected_200_epochs_min']:>11.1f} {tflops:>8}  {r['flags']} "
               f"({r['settings']})")
     for r in results:
         if "profile" in r:
@@ -263,16 +264,15 @@ def main_parser_refusal(tokens) -> str | None:
 
 def check_row_flags(parser, option, flags) -> list:
     """The main.py flags of a --model-flags or --fast-flags string, as tokens; one line, before any work, for
-    a flag it may not hold (one bench.py sets for every row; a model flag in --fast-flags, any other flag in
-    --model-flags) or one main.py's parser refuses."""
+    a flag it may not hold (NOT_ROW_FLAGS; a model flag in --fast-flags, any other flag in --model-flags) or one main.py's parser refuses."""
     where, model = f"{option} {flags!r}", model_options()
     try:
         tokens = shlex.split(flags)
     except ValueError as error:  # "No closing quotation"
         parser.error(f"{where}: {error}: quote the flags as a shell would")
     for name in options_named(tokens):
-        if name in SET_FOR_EVERY_ROW:
-            parser.error(f"{where}: every row uses bench.py's own {name}; {SET_FOR_EVERY_ROW[name]}")
+        if name in NOT_ROW_FLAGS:
+            parser.error(f"{where}: {NOT_ROW_FLAGS[name]}")
         if option == "--fast-flags" and name in model:
             parser.error(f"{where}: {name} changes the model, which all rows share: pass it in --model-flags")
         if option == "--model-flags" and name not in model:

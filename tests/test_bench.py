@@ -153,14 +153,15 @@ def no_work(*args, **kwargs):
     (["--fast-flags", "--lr 1e-3 --batch-size=64"],
      "--fast-flags '--lr 1e-3 --batch-size=64': every row uses bench.py's own --batch-size"),
     (["--fast-flags", "--ba 64"], "--fast-flags '--ba 64': every row uses bench.py's own --batch-size"),
-    (["--fast-flags", "--device cpu"], "--fast-flags '--device cpu': every row uses bench.py's own --device; "
+    (["--fast-flags", "--device cpu"], "--fast-flags '--device cpu': every row uses bench.py's own --device: "
                                        "pass it to bench.py"),
     (["--model-flags", "--workers 3"], "--model-flags '--workers 3': every row uses bench.py's own --workers"),
-    (["--fast-flags", "--epochs 5"], "--fast-flags '--epochs 5': every row uses bench.py's own --epochs; "
-                                     "bench.py times training steps, not a run: drop it"),
-    *[(["--fast-flags", flags], f"--fast-flags '{flags}': every row uses bench.py's own {flags.split()[0]}")
-      for flags in ("--dataset cifar100", "--out-dir /tmp/x", "--resume last.pt", "--eval-only", "--data-dir /d",
+    (["--fast-flags", "--epochs 5"], "--fast-flags '--epochs 5': --epochs belongs to a training run, and bench.py "
+                                     "times steps: drop it"),
+    *[(["--fast-flags", flags], f"--fast-flags '{flags}': {flags.split()[0]} belongs to a training run")
+      for flags in ("--dataset cifar100", "--out-dir /tmp/x", "--resume last.pt", "--eval-only",
                     "--compare-curve c.csv", "--save-every 2")],  # were accepted, and ignored
+    (["--fast-flags", "--data-dir /d"], "--fast-flags '--data-dir /d': every row uses bench.py's own --data-dir"),
     (["--fast-flags", '"--precision bf16'], "--fast-flags '\"--precision bf16': No closing quotation: quote the "
                                             "flags as a shell would"),  # was a traceback
     (["--json", "last.pt"], "--json last.pt is not a .json file name"),  # was replaced without a word
