@@ -30,7 +30,8 @@ def test_bench_rows_json_and_profiles(tmp_path, fake_cifar10):
     run = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--device", "cpu", "--data-dir", fake_cifar10,
                           "--batch-size", "8", "--steps", "2", "--warmup", "1", "--eval-images", "20",
                           "--augment-images", "40", "--workers", "0", "--fast-flags", "",
-                          "--fast-flags", "--attention math --precision bf16", "--profile-steps", "2", "--json", str(out)],
+                          "--fast-flags", "--attention math --precision bf16", "--profile-steps", "2", "--json", str(out),
+                          "--model-flags", "--layers 1 --hidden 32 --mlp-hidden 32 --heads 2"],  # the rows, not the model
                          capture_output=True, text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"})
     assert run.returncode == 0, run.stderr
     assert "gpuGetDeviceCount" not in run.stderr and "profiler_start" not in run.stderr  # the profiler's noise
