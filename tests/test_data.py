@@ -2,11 +2,14 @@
 both training loaders."""
 import os
 import pickle
+import threading
+import time
 import urllib.error
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 import augment
@@ -118,7 +121,6 @@ class SlowDownload:
         self.seconds_per_file, self.calls = seconds_per_file, []
 
     def __call__(self, root, train=True, download=False, **kwargs):
-        import time
         self.calls.append(root)
         if train:  # as an extraction would: the folder first, its files one by one
             unpacked = write_fake_cifar(os.path.join(root, ".unpacked"))
@@ -132,9 +134,6 @@ class SlowDownload:
 def test_ranks_that_start_together_download_once_and_never_read_a_half_written_folder(tmp_path, monkeypatch):
     """Two ranks of a torchrun (threads here) on one empty data folder: the second waits for the first's
     download instead of starting its own into the same files or reading a folder still being extracted."""
-    import threading
-    import time
-    import torchvision
     download = SlowDownload(seconds_per_file=0.05)
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", download)
     data_dir, results = str(tmp_path / "data"), {}
@@ -158,8 +157,6 @@ def test_ranks_that_start_together_download_once_and_never_read_a_half_written_f
 
 
 def test_a_failed_download_leaves_no_folder_to_read_next_time(tmp_path, monkeypatch):
-    import torchvision
-
     def broken(root, train=True, download=False, **kwargs):  # extraction stops half-way
         folder = write_fake_cifar(root)
         os.remove(os.path.join(folder, "batches.meta"))
@@ -179,8 +176,6 @@ def test_a_failed_download_leaves_no_folder_to_read_next_time(tmp_path, monkeypa
     ("cifar100", "cifar-100-python", OSError(101, "Network is unreachable")),
 ])
 def test_missing_folder_when_download_fails_gives_a_one_line_fix(tmp_path, monkeypatch, dataset, folder, error):
-    import torchvision
-
     calls = []
 
     def offline(root, train=True, download=False, **kwargs):
