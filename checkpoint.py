@@ -134,7 +134,8 @@ def run_folder(path: str) -> str:
 def file_problem(path: str) -> str | None:
     """What keeps `path` from being a checkpoint file to read (a missing path, a folder), or None."""
     if os.path.isdir(path):
-        return f"is a folder: name a checkpoint file in it, e.g. {os.path.join(path, 'best.pt')}"
+        inside = os.path.join(path, FOLDER) if os.path.isdir(os.path.join(path, FOLDER)) else path  # a run folder
+        return f"is a folder: name a checkpoint file in it, e.g. {os.path.join(inside, 'best.pt')}"
     if not os.path.isfile(path):
         return "does not exist: check the path"
     return None

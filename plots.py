@@ -14,7 +14,7 @@ matplotlib.use("Agg")  # no display under nohup
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from checkpoint import atomic_file  # noqa: E402
+from checkpoint import atomic_file, probe_writable  # noqa: E402
 from cli import OneLineErrors, nonempty_path, run_script  # noqa: E402
 
 
@@ -78,6 +78,11 @@ def check_output(parser, args) -> None:
     if image_format(args.out) not in IMAGE_FORMATS:
         parser.error(f"{args.out} is not an image file name (.png, .pdf or .svg): give a .png file name, "
                      f"e.g. {example}")
+    folder = os.path.dirname(args.out) or "."
+    try:
+        probe_writable(folder)
+    except OSError as error:  # a file where the folder should be, no permission, a full disk
+        parser.error(f"{args.out}: cannot write into {folder} ({error.strerror or error}): choose another place")
 
 
 def plot_results(history: list, path: str, compare: tuple | None = None) -> None:

@@ -124,6 +124,8 @@ def test_redraw_from_metrics_csv_with_the_reference(tmp_path, capsys):
                                 "give a .png file name, e.g. checkpoints/results-redrawn.png"),
     ("other.csv", [], "other.csv is not an image file name (.png, .pdf or .svg): give a .png file name, "
                       "e.g. results-redrawn.png"),
+    ("metrics.csv/plot.png", [], "metrics.csv/plot.png: cannot write into metrics.csv (File exists): choose another "
+                                 "place"),  # was "[Errno 17] File exists", after reading the inputs
 ])
 def test_an_output_that_would_replace_another_file_is_refused(tmp_path, monkeypatch, capsys, out, flags, message):
     monkeypatch.chdir(tmp_path)

@@ -862,6 +862,10 @@ def test_missing_checkpoint_file_is_a_usage_error(tmp_path, fake_data, cli, flag
 def test_a_folder_given_as_a_checkpoint_is_named_as_one(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="is a folder: name a checkpoint file in it"):
         checkpoint.load(str(tmp_path))
+    (tmp_path / "checkpoints").mkdir()  # a run's folder: the example is its checkpoints/best.pt
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.load(str(tmp_path))
+    assert str(info.value).endswith(f"e.g. {tmp_path / 'checkpoints' / 'best.pt'}")
 
 
 def test_data_dir_that_is_a_file_is_a_usage_error(tmp_path, cli, no_data):
