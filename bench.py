@@ -291,12 +291,16 @@ def describe_model(model_tokens, num_classes) -> dict:
             "forward_gflop_per_image": forward_flops_per_image(config) / 1e9}
 
 
+ROW_OPTIONS = ("--fast-flags", "--model-flags")
+
+
 def row_flags_joined(argv: list) -> list:
-    """`--fast-flags --no-compile` read as `--fast-flags=--no-compile`: argparse takes a lone value starting with
-    a dash for an option and refuses it ("expected one argument")."""
+    """`--fast-flags --no-compile` (or `--fast --no-compile`) read as `--fast-flags=--no-compile`: argparse takes a
+    lone value starting with a dash for an option and refuses it ("expected one argument")."""
     joined = []
     for token in argv:
-        if joined and joined[-1] in ("--fast-flags", "--model-flags") and token.startswith("-"):
+        row_option = joined and len(joined[-1]) > 2 and any(option.startswith(joined[-1]) for option in ROW_OPTIONS)
+        if row_option and token.startswith("-") and token != "--":
             joined[-1] = f"{joined[-1]}={token}"
         else:
             joined.append(token)
@@ -325,7 +329,11 @@ def main_cli(argv=None):
                         "for several rows (default: one row, the defaults)")
     p.add_argument("--profile-steps", type=main.non_negative_int, default=0,
                    help="after timing, profile this many steps of each row (torch.profiler; 0: off)")
-    opts = p.parse_args(row_flags_joined(sys.argv[1:] if argv is None else argv))
+    opts, unknown = p.parse_known_args(row_flags_joined(sys.argv[1:] if argv is None else argv))
+    if unknown:
+        row_words = any(not token.startswith("-") for token in unknown)  # `--fast-flags --precision fp32` unquoted
+        p.error(f"unrecognized arguments: {' '.join(unknown)}" + (" (a row's flags go in one quoted string, e.g. "
+                                                                  "--fast-flags \"--precision fp32\")" if row_words else ""))
     if not opts.json.endswith(".json"):  # it is replaced: never a checkpoint or a log given by mistake
         p.error(f"--json {opts.json} is not a .json file name: give one, e.g. bench.json")
     try:  # written at the end: a path that cannot take it is refused before the work

@@ -83,7 +83,11 @@ def _download(name: str, data_dir: str) -> None:
             try:
                 for train in (True, False):
                     dataset_class(staging, train=train, download=True)
-                os.rename(os.path.join(staging, FOLDERS[name]), folder)
+                try:
+                    os.rename(os.path.join(staging, FOLDERS[name]), folder)
+                except OSError:
+                    if not os.path.isdir(folder):
+                        raise  # else another rank, unlocked (a filesystem without locks), renamed its copy first
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     except Exception as error:  # urllib/socket/SSL errors differ by platform; all mean "no data"

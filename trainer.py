@@ -684,7 +684,7 @@ class Trainer:
     def prepare_checkpoint_dir(self):
         """An unwritable --out-dir shows before any long work; a run already writing there (whose long first epoch
         may have written nothing yet) refuses this one; partial files of writes that were killed (SIGKILL, power
-        loss) are cleared: checkpoints, metrics.csv and results.png."""
+        loss) are cleared: checkpoints, metrics.csv, results.png and the final report's files."""
         require_writable(self.checkpoint_dir)
         lock = os.path.join(self.checkpoint_dir, RUN_LOCK)
         self.run_lock = checkpoint.hold_lock(lock, wait=False)  # held until this process ends
@@ -692,7 +692,7 @@ class Trainer:
             raise TrainingStopped(f"another run is writing into {self.out_dir} (it holds {lock}): let it finish or "
                                   f"stop it first, or give this run another --out-dir", 2)
         checkpoint.remove_leftovers(self.checkpoint_dir)
-        checkpoint.remove_leftovers(self.out_dir, ("metrics.csv", "results.png"))
+        checkpoint.remove_leftovers(self.out_dir, ("metrics.csv", "results.png", *visualize.REPORT_FILES))
 
     def resume_state(self):
         """The checkpoint to continue, or None for a new run; refuses to overwrite an earlier run's files."""

@@ -192,6 +192,8 @@ def per_class_table(matrix: torch.Tensor, classes: list) -> list:
 
 # ----------------------------------------------------------------------------- report
 
+REPORT_FILES = ("attention.png", "confusion.png", "per_class.csv")  # a run's; --eval-only adds a suffix to each
+
 def write_evaluation_report(model, images_uint8: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
                             classes: list, out_dir: str, suffix: str = "") -> list:
     """attention.png, confusion.png and per_class.csv into out_dir (attention-best.png and so on with suffix
@@ -204,8 +206,10 @@ def write_evaluation_report(model, images_uint8: torch.Tensor, labels: torch.Ten
     labels = labels.cpu()
     matrix = confusion_matrix(predictions, labels, len(classes))
     picks = pick_one_per_class(labels, len(classes))[:ATTENTION_ROWS]
+    attention, confusion, per_class = (f"{stem}{suffix}{extension}" for stem, extension in
+                                       (os.path.splitext(name) for name in REPORT_FILES))
     save_attention_figure(model, images_uint8[picks.to(images_uint8.device)], labels[picks], classes,
-                          os.path.join(out_dir, f"attention{suffix}.png"))
-    save_confusion_figure(matrix, classes, os.path.join(out_dir, f"confusion{suffix}.png"))
-    write_per_class_csv(matrix, classes, os.path.join(out_dir, f"per_class{suffix}.csv"))
+                          os.path.join(out_dir, attention))
+    save_confusion_figure(matrix, classes, os.path.join(out_dir, confusion))
+    write_per_class_csv(matrix, classes, os.path.join(out_dir, per_class))
     return per_class_table(matrix, classes)

@@ -206,6 +206,17 @@ def test_a_one_word_flag_string_is_taken_as_the_row_flags():
         "--fast-flags=--no-compile", "--model-flags=--no-mlp-final-gelu", "--fast-flags=--compile-mode whole-step",
         "--steps", "3"]
     assert bench.row_flags_joined(["--fast-flags", "", "--steps", "3"]) == ["--fast-flags", "", "--steps", "3"]
+    assert bench.row_flags_joined(["--fast", "--no-compile", "--mod", "--layers=2"]) == [
+        "--fast=--no-compile", "--mod=--layers=2"]  # argparse's abbreviations
+    assert bench.row_flags_joined(["--fast-flags", "--"]) == ["--fast-flags", "--"]  # was a traceback
+
+
+def test_an_unquoted_row_of_two_words_is_told_to_quote_it(capsys, monkeypatch):
+    monkeypatch.setattr(bench, "load_data", no_work)
+    assert_refused(["--device", "cpu", "--fast-flags", "--precision", "fp32"],
+                   "unrecognized arguments: fp32 (a row's flags go in one quoted string, e.g. --fast-flags "
+                   "\"--precision fp32\")", capsys)
+    assert_refused(["--device", "cpu", "--fast-flags", "--"], "argument --fast-flags: expected one argument", capsys)
 
 
 def test_ctrl_c_in_a_row_is_not_taken_for_the_rows_failure(monkeypatch):

@@ -1,5 +1,6 @@
 """data.py: reading CIFAR folders, the missing-data message, the torchvision transform, the epoch plans and
 both training loaders."""
+import errno
 import os
 import pickle
 import threading
@@ -153,6 +154,27 @@ def test_ranks_that_start_together_download_once_and_never_read_a_half_written_f
     assert all(isinstance(result, data.Cifar) for result in results.values()), results
     assert torch.equal(results["first"].train_images, results["second"].train_images)
     assert len(download.calls) == 2  # one download: its train and test calls
+    assert sorted(os.listdir(data_dir)) == [".cifar10-download.lock", "cifar-10-batches-py"]
+
+
+def test_ranks_on_a_filesystem_without_locks_both_end_with_the_data(tmp_path, monkeypatch):
+    """No lock (ENOLCK on some network mounts): both ranks download, and the one that renames second uses the
+    first's folder instead of failing."""
+    import checkpoint
+
+    def no_locks(file, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(checkpoint.fcntl, "flock", no_locks)
+    download = SlowDownload(seconds_per_file=0.05)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", download)
+    data_dir, results = str(tmp_path / "data"), []
+    threads = [threading.Thread(target=lambda: results.append(data.load_cifar("cifar10", data_dir)))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(download.calls) == 4 and len(results) == 2  # two downloads, and both ranks have the data
     assert sorted(os.listdir(data_dir)) == [".cifar10-download.lock", "cifar-10-batches-py"]
 
 

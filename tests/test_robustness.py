@@ -36,6 +36,7 @@ import checkpoint
 import data
 import main
 import trainer
+import visualize
 from cli import nonempty_path, run_script
 from models import ViTConfig, VisionTransformer
 
@@ -225,7 +226,8 @@ def test_sigkill_while_saving_leaves_a_loadable_checkpoint_and_resume_works(run_
     # A torn temp file (what a kill inside a write leaves) must not disturb --resume auto.
     with open(os.path.join(ckpt_dir, ".tmp-last.pt-killed"), "wb") as f:
         f.write(b"PK\x03\x04 half a checkpoint")
-    for name in (".tmp-metrics.csv-killed", ".tmp-results.png-killed", ".tmp-someone-elses"):
+    for name in (".tmp-metrics.csv-killed", ".tmp-results.png-killed", ".tmp-someone-elses",
+                 *[f".tmp-{report}-killed" for report in visualize.REPORT_FILES]):
         with open(os.path.join(run_dir, name), "w") as f:
             f.write("half a file")
 
