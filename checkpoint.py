@@ -18,6 +18,7 @@ import pickle
 import stat
 import tempfile
 import warnings
+import weakref
 
 import torch
 
@@ -86,6 +87,9 @@ def probe_writable(folder: str) -> None:
         os.fsync(f.fileno())
 
 
+_held_locks = weakref.WeakSet()  # the open files of hold_lock, which a forked child closes
+
+
 def hold_lock(path: str, wait: bool = True):
     """An exclusive lock on `path` (created if missing), held while the returned file stays open; the system lets
     go when the process ends, however it ends. None when another process holds it and wait is False."""
@@ -98,7 +102,18 @@ def hold_lock(path: str, wait: bool = True):
             return None
         except OSError:  # a filesystem without locks (some network mounts): go on unlocked
             pass
+    _held_locks.add(file)
     return file
+
+
+def _drop_locks_in_child():
+    """A flock belongs to the open file, which fork shares: a DataLoader worker outliving its killed run (a few
+    seconds) would keep the run's out-dir locked. The child closes its copies; the parent's stay held."""
+    for file in list(_held_locks):
+        file.close()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 def _umask() -> int:

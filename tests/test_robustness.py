@@ -1196,3 +1196,30 @@ def test_ctrl_c_ends_bench_predict_and_plots_in_one_line(capsys):
     for script, entry in (("bench.py", "main_cli"), ("predict.py", "main"), ("plots.py", "main")):
         with open(os.path.join(ROOT, script)) as f:
             assert f.read().endswith(f'if __name__ == "__main__":\n    run_script({entry})\n'), script
+
+
+def test_a_forked_child_does_not_keep_the_run_lock(tmp_path):
+    """A DataLoader worker (forked) outlives its killed run for a few seconds: the run's lock must end with the run,
+    not with the worker, or an immediate --resume auto is refused."""
+    path = str(tmp_path / trainer.RUN_LOCK)
+    held = checkpoint.hold_lock(path, wait=False)
+    read, write = os.pipe()
+    started_read, started_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker: says it runs (fork's handlers are done), then lives until the pipe closes
+        os.close(write)
+        os.write(started_write, b"1")
+        os.read(read, 1)
+        os._exit(0)
+    os.close(read)
+    os.close(started_write)
+    os.read(started_read, 1)
+    os.close(started_read)
+    try:
+        held.close()  # the run ends (a kill -9 closes its files the same way)
+        again = checkpoint.hold_lock(path, wait=False)
+        assert again is not None, "the forked child still holds the lock"
+        again.close()
+    finally:
+        os.close(write)
+        os.waitpid(pid, 0)
