@@ -687,7 +687,7 @@ class Trainer:
         loss) are cleared: checkpoints, metrics.csv, results.png and the final report's files."""
         require_writable(self.checkpoint_dir)
         lock = os.path.join(self.checkpoint_dir, RUN_LOCK)
-        self.run_lock = checkpoint.hold_lock(lock, wait=False)  # held until this process ends
+        self.run_lock = checkpoint.hold_lock(lock, wait=False)  # held for the run: fit() lets go
         if self.run_lock is None:
             raise TrainingStopped(f"another run is writing into {self.out_dir} (it holds {lock}): let it finish or "
                                   f"stop it first, or give this run another --out-dir", 2)
