@@ -264,7 +264,8 @@ def main_parser_refusal(tokens) -> str | None:
 
 def check_row_flags(parser, option, flags) -> list:
     """The main.py flags of a --model-flags or --fast-flags string, as tokens; one line, before any work, for
-    a flag it may not hold (NOT_ROW_FLAGS; a model flag in --fast-flags, any other flag in --model-flags) or one main.py's parser refuses."""
+    a flag it may not hold (NOT_ROW_FLAGS; a model flag in --fast-flags, any other flag in --model-flags) or one
+    main.py's parser refuses."""
     where, model = f"{option} {flags!r}", model_options()
     try:
         tokens = shlex.split(flags)
@@ -330,10 +331,10 @@ def main_cli(argv=None):
     p.add_argument("--profile-steps", type=main.non_negative_int, default=0,
                    help="after timing, profile this many steps of each row (torch.profiler; 0: off)")
     opts, unknown = p.parse_known_args(row_flags_joined(sys.argv[1:] if argv is None else argv))
-    if unknown:
-        row_words = any(not token.startswith("-") for token in unknown)  # `--fast-flags --precision fp32` unquoted
-        p.error(f"unrecognized arguments: {' '.join(unknown)}" + (" (a row's flags go in one quoted string, e.g. "
-                                                                  "--fast-flags \"--precision fp32\")" if row_words else ""))
+    if unknown:  # a word that is no flag: most likely the second word of an unquoted `--fast-flags --precision fp32`
+        hint = ("" if all(token.startswith("-") for token in unknown) else
+                " (a row's flags go in one quoted string, e.g. --fast-flags \"--precision fp32\")")
+        p.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     if not opts.json.endswith(".json"):  # it is replaced: never a checkpoint or a log given by mistake
         p.error(f"--json {opts.json} is not a .json file name: give one, e.g. bench.json")
     try:  # written at the end: a path that cannot take it is refused before the work
