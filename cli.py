@@ -1,5 +1,5 @@
 """What the command-line scripts (main.py, bench.py, predict.py, plots.py) share: argparse with one-line errors,
-the type of their path arguments, and a Ctrl-C that ends them in one line."""
+the type of their path arguments, a Ctrl-C that ends them in one line, and a stdout that prints any path."""
 import argparse
 import os
 import sys
@@ -20,8 +20,18 @@ def nonempty_path(value: str) -> str:
     return os.path.expanduser(value)
 
 
+def escape_what_stdout_cannot_encode() -> None:
+    """A path the output's encoding cannot show (a Latin-1 file name under PYTHONIOENCODING=utf-8, a Chinese one
+    on a Latin-1 terminal) is printed with backslash escapes instead of ending the script with UnicodeEncodeError,
+    as Python already does on stderr. Where stdout is not strict (a UTF-8 locale's surrogateescape) it is kept."""
+    if getattr(sys.stdout, "errors", None) == "strict" and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+
+
 def run_script(main) -> None:
-    """sys.exit(main()); a Ctrl-C ends the script with one line and status 130, not a traceback."""
+    """sys.exit(main()); a Ctrl-C ends the script with one line and status 130, not a traceback; stdout as
+    escape_what_stdout_cannot_encode leaves it."""
+    escape_what_stdout_cannot_encode()
     try:
         status = main()
     except KeyboardInterrupt:

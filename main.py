@@ -18,7 +18,7 @@ try:
     import checkpoint
     import data
     import models
-    from cli import OneLineErrors, nonempty_path
+    from cli import OneLineErrors, escape_what_stdout_cannot_encode, nonempty_path
 except KeyboardInterrupt:  # Ctrl-C while PyTorch loads: one line, like every other stop
     print("error: interrupted while starting; nothing was written", file=sys.stderr)
     sys.exit(130)
@@ -210,6 +210,7 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
+    escape_what_stdout_cannot_encode()
     status = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Under torchrun, skip the interpreter's teardown: gloo's worker threads can abort a finished process

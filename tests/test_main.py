@@ -23,8 +23,8 @@ ENV = {"OMP_NUM_THREADS": "1", "http_proxy": "http://127.0.0.1:9", "https_proxy"
        "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}
 
 
-def run(args, **kwargs):
-    return run_main(args, env=ENV, **kwargs)
+def run(args, env=ENV, **kwargs):
+    return run_main(args, env=env, **kwargs)
 
 
 def read_metrics(out_dir):
@@ -143,11 +143,14 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(two_epochs, data_dir, t
 
 
 def test_resume_auto_without_a_checkpoint_starts_fresh(data_dir, tmp_path):
-    out_dir = str(tmp_path / "fresh")
-    result = run(["--data-dir", data_dir, "--out-dir", out_dir, *COMMON, "--epochs", "1", "--resume", "auto"])
+    # in a folder whose Latin-1 name a strict UTF-8 stdout cannot encode: the log line prints it escaped
+    out_dir = os.fsdecode(bytes(tmp_path / "fresh") + b"\xe9")
+    result = run(["--data-dir", data_dir, "--out-dir", out_dir, *COMMON, "--epochs", "1", "--resume", "auto"],
+                 env={**ENV, "PYTHONIOENCODING": "utf-8"})
     assert result.returncode == 0, result.stderr
     expected = os.path.join(out_dir, "checkpoints", "last.pt")
-    assert f"--resume auto: no {expected}, starting a new run" in result.stdout
+    escaped = expected.encode("utf-8", "backslashreplace").decode()
+    assert f"--resume auto: no {escaped}, starting a new run" in result.stdout
     assert "resuming from" not in result.stdout
     assert load_checkpoint(expected)["epoch"] == 1
 

@@ -215,6 +215,18 @@ def test_command_line(tmp_path):
     assert not (out_dir / "bad_attention.png").exists()
 
 
+def test_a_file_name_the_output_encoding_cannot_show_is_printed_escaped(tmp_path):
+    checkpoint_path = save_checkpoint(tmp_path / "model.pt")
+    latin1_name = save_image(os.fsdecode(bytes(tmp_path / "caf") + b"\xe9.png"), random_pixels(32, 32))
+    run = subprocess.run([sys.executable, os.path.join(REPO, "predict.py"), latin1_name, "--checkpoint",
+                          checkpoint_path, "--device", "cpu"], capture_output=True, cwd=tmp_path, timeout=120,
+                         env={**os.environ, "PYTHONIOENCODING": "utf-8"})  # strict: it cannot encode the byte
+    assert run.returncode == 0, run.stderr.decode(errors="replace")
+    lines = run.stdout.decode("ascii").splitlines()
+    assert lines[0] == str(tmp_path / "caf") + "\\udce9.png"
+    assert len(lines) == 6 and lines[5].endswith("%")
+
+
 def test_attention_into_a_folder_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     checkpoint_path = save_checkpoint(tmp_path / "model.pt")
     good = save_image(tmp_path / "good.png", random_pixels(32, 32))
