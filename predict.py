@@ -18,6 +18,7 @@ the exit status is then 1. A missing or unreadable checkpoint: a one-line error,
 """
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,8 +61,12 @@ def to_8bit_gray(image: Image.Image) -> Image.Image:
 
 def load_image(path: str, size: int) -> torch.Tensor:
     """A picture file -> uint8 [3, size, size], upright as its EXIF orientation says (as phone photos are
-    stored). Raises OSError, ValueError or DecompressionBombError."""
-    with Image.open(path) as image:
+    stored). Raises OSError, ValueError or DecompressionBombError (over twice Pillow's MAX_IMAGE_PIXELS, about
+    179 megapixels); a picture below that but over the limit is read without Pillow's two-line warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        image = Image.open(path)
+    with image:
         image = ImageOps.exif_transpose(image)
         if image.mode.startswith("I") or image.mode == "F":
             image = to_8bit_gray(image)

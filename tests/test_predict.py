@@ -173,6 +173,18 @@ def test_bad_files_get_a_reason_and_the_others_are_still_predicted(tmp_path, mod
     assert all(abs(a - b) < 1e-6 for (_, a), (_, b) in zip(results[1].top, results[5].top))
 
 
+def test_a_picture_over_pillows_pixel_limit_is_read_quietly_and_one_over_twice_it_refused(tmp_path, model,
+                                                                                          monkeypatch, recwarn):
+    path = save_image(tmp_path / "big.png", random_pixels(64, 64))  # 4,096 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # Pillow warns above this, refuses above twice it
+    [result] = predict.predict_images(model, CLASSES, [path])
+    assert result.error is None and len(result.top) == 5
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
+    [result] = predict.predict_images(model, CLASSES, [path])
+    assert result.top is None and "exceeds limit of 4000 pixels" in result.error
+
+
 def test_top_k_is_at_most_the_number_of_classes(tmp_path):
     config = dataclasses.replace(CONFIG, num_classes=3)
     model, state = checkpoint.load_model(save_checkpoint(tmp_path / "three.pt", config, ["a", "b", "c"]))
