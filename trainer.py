@@ -453,6 +453,8 @@ class Trainer:
         self.history, self.best_acc, self.best_epoch, start_epoch, position = [], 0.0, 0, 1, None
         if resume_state:
             start_epoch, position = self.restore(resume_state)
+            if self.is_main:
+                self.carry_run_over(resume_state)
         self.warn_if_on_cpu()
         self.log(f"model: {count_parameters(self.model):,} parameters | data: {args.dataset}, "
                  f"{len(cifar.train_images):,} train / {len(cifar.test_images):,} test | device: {self.device}"
@@ -760,6 +762,41 @@ class Trainer:
                 or_continue = " (its last.pt cannot be read, so that run cannot be continued)"
         raise checkpoint.CheckpointError(f"--resume {path} would overwrite the run in {self.out_dir} (its "
                                          f"{earlier}): resume into another --out-dir{or_continue}")
+
+    def carry_run_over(self, state):
+        """The resumed run's files in this out-dir from the start, a new one too: metrics.csv and results.png of
+        its history, and, where best.pt is missing, its best model when the checkpoint holds it (saved at the end
+        of its best epoch) or a best.pt beside it does; otherwise the log says so, as no last.pt written here can
+        name a best.pt that is here."""
+        self.write_outputs(metrics=True, plot=bool(self.history))
+        if self.best_epoch == 0 or os.path.isfile(os.path.join(self.checkpoint_dir, "best.pt")):
+            return
+        best = self.best_model_at_hand(state)
+        if best is not None:
+            self.save(best, "best.pt")
+        else:
+            self.log(f"note: the best model so far (epoch {self.best_epoch}, {self.best_acc:.2f}%) is neither "
+                     f"{self.resume_path} nor a best.pt beside it: this folder's best.pt will be the first epoch "
+                     f"that beats it")
+
+    def best_model_at_hand(self, state):
+        """The resumed checkpoint if it was saved at the end of the run's best epoch, else the best.pt beside it
+        if that one was; else None."""
+        def is_the_best(candidate):
+            try:
+                return (candidate["epoch"] == self.best_epoch and candidate["best_acc"] == self.best_acc
+                        and candidate["scheduler"]["position"] is None)
+            except (KeyError, TypeError):
+                return False
+
+        if is_the_best(state):
+            return state
+        beside = os.path.join(os.path.dirname(os.path.abspath(self.resume_path)), "best.pt")
+        try:
+            candidate = checkpoint.load(beside) if os.path.isfile(beside) else None
+        except checkpoint.CheckpointError:
+            return None
+        return candidate if candidate is not None and is_the_best(candidate) else None
 
     def malformed_state_error(self, error):
         return checkpoint.CheckpointError(f"{self.resume_path} has a malformed training state ({type(error).__name__}: "

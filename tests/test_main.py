@@ -10,7 +10,7 @@ import torch
 
 import data
 import main
-from conftest import TINY_MODEL, run_main, write_fake_cifar
+from conftest import TINY_MODEL, assert_same_tensors, run_main, write_fake_cifar
 
 COMMON = [*TINY_MODEL, "--batch-size", "32", "--warmup-epochs", "1", "--device", "cpu"]
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
@@ -140,6 +140,37 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(two_epochs, data_dir, t
         assert torch.equal(last_a["model"][name], last_b["model"][name]), name
     for key in ("train_loss", "train_acc", "test_loss", "test_acc"):  # full precision, not just 6 digits
         assert last_a["history"][-1][key] == last_b["history"][-1][key]
+
+
+def test_a_resume_into_a_new_folder_writes_the_runs_files_there_and_its_best_model_when_at_hand(
+        two_epochs, data_dir, tmp_path):
+    out_a, _ = two_epochs
+    epoch_1, epoch_2 = (load_checkpoint(os.path.join(out_a, "checkpoints", f"epoch_{n}.pt")) for n in (1, 2))
+    told_epoch_1_was_best = {**epoch_2, "best_epoch": 1, "best_acc": epoch_1["best_acc"]}
+    cases = {"itself": ({**epoch_2, "best_epoch": 2, "best_acc": epoch_2["history"][1]["test_acc"]}, None, epoch_2),
+             "beside": (told_epoch_1_was_best, epoch_1, epoch_1),  # its best.pt is beside it
+             "nowhere": (told_epoch_1_was_best, None, None),
+             "beside, of another epoch": (told_epoch_1_was_best, epoch_2, None)}
+    for name, (start, best_beside, expected_best) in cases.items():
+        folder = tmp_path / name.replace(" ", "_").replace(",", "")
+        folder.mkdir()
+        torch.save(start, folder / "start.pt")
+        if best_beside is not None:
+            torch.save(best_beside, folder / "best.pt")
+        out_dir = str(folder / "run")
+        # --epochs 2: nothing left to train, so whatever is in out_dir came at the start
+        result = run(["--data-dir", data_dir, "--out-dir", out_dir, *COMMON, "--epochs", "2",
+                      "--resume", str(folder / "start.pt")])
+        assert result.returncode == 0, result.stderr
+        assert [row["epoch"] for row in read_metrics(out_dir)[1]] == ["1", "2"], name
+        assert os.path.isfile(os.path.join(out_dir, "results.png")), name
+        best = os.path.join(out_dir, "checkpoints", "best.pt")
+        if expected_best is None:
+            assert not os.path.exists(best), name
+            assert "note: the best model so far (epoch 1, " in result.stdout, name
+        else:
+            assert_same_tensors(load_checkpoint(best)["model"], expected_best["model"])
+            assert "note: the best model so far" not in result.stdout, name
 
 
 def test_resume_auto_without_a_checkpoint_starts_fresh(data_dir, tmp_path):
