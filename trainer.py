@@ -766,8 +766,8 @@ class Trainer:
     def carry_run_over(self, state):
         """The resumed run's files in this out-dir from the start, a new one too: metrics.csv and results.png of
         its history, and, where best.pt is missing, its best model when the checkpoint holds it (saved at the end
-        of its best epoch) or a best.pt beside it does; otherwise the log says so, as no last.pt written here can
-        name a best.pt that is here."""
+        of its best epoch) or a best.pt beside it does. Otherwise the log says so: the last.pt written here will
+        then name a best model that is not in this folder."""
         self.write_outputs(metrics=True, plot=bool(self.history))
         if self.best_epoch == 0 or os.path.isfile(os.path.join(self.checkpoint_dir, "best.pt")):
             return
