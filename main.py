@@ -173,15 +173,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the epochs, raised as Ctrl-C's KeyboardInterrupt is (the trainer handles both during them)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
 def main(argv=None) -> int:
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed SSH session must not end a run, from its start
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return run(parse_args(argv))
-    except KeyboardInterrupt:  # Ctrl-C outside the epochs (start-up, reading the data, the final report)
-        print("error: interrupted outside the training loop; the files already written are kept",
+    except KeyboardInterrupt as stop:  # outside the epochs: start-up, reading the data, the final report
+        by = " by SIGTERM" if isinstance(stop, Terminated) else ""
+        print(f"error: interrupted{by} outside the training loop; the files already written are kept",
               file=sys.stderr, flush=True)
-        return 130
+        return 128 + (signal.SIGTERM if by else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 def run(args) -> int:
