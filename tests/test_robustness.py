@@ -1102,16 +1102,21 @@ def test_ctrl_c_while_reading_the_data_is_one_line_and_exit_130(tmp_path, fake_d
 
 def test_sigterm_during_the_final_report_is_one_line_exit_143_and_the_run_files_are_kept(tmp_path, fake_data, cli,
                                                                                            monkeypatch):
-    handler_before = signal.getsignal(signal.SIGTERM)
+    def handler_before(signum, frame):  # were main()'s own handler missing, this would take the signal, not pytest
+        pass
+    original = signal.signal(signal.SIGTERM, handler_before)
     monkeypatch.setattr(trainer.Trainer, "write_report", lambda self, *args, **kwargs: os.kill(os.getpid(),
                                                                                               signal.SIGTERM))
     out_dir = tmp_path / "run"
-    status, out, err = cli(train_args(fake_data, str(out_dir)))
+    try:
+        status, out, err = cli(train_args(fake_data, str(out_dir)))
+    finally:
+        handler_after = signal.signal(signal.SIGTERM, original)
     assert status == 143
     one_line_error(err, "error: interrupted by SIGTERM outside the training loop; the files already written are kept")
     assert torch.load(out_dir / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1
     assert len(metric_rows(str(out_dir))) == 1
-    assert signal.getsignal(signal.SIGTERM) is handler_before  # main() leaves the process as it found it
+    assert handler_after is handler_before  # main() leaves the process as it found it
 
 
 @pytest.mark.parametrize("problem", ["unwritable out-dir", "other dataset"])
