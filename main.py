@@ -184,7 +184,11 @@ def _raise_terminated(signum, frame):
 def main(argv=None) -> int:
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed SSH session must not end a run, from its start
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous_sigterm = signal.getsignal(signal.SIGTERM)
+    # Not under torchrun: there a SIGTERM outside the epochs is the launcher ending the other ranks after one
+    # failed, and a line from each of them would bury the failure's own.
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return run(parse_args(argv))
     except KeyboardInterrupt as stop:  # outside the epochs: start-up, reading the data, the final report

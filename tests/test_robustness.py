@@ -1119,6 +1119,18 @@ def test_sigterm_during_the_final_report_is_one_line_exit_143_and_the_run_files_
     assert handler_after is handler_before  # main() leaves the process as it found it
 
 
+@pytest.mark.parametrize("world", [None, "2"])
+def test_sigterm_outside_the_epochs_is_main_s_own_only_in_one_process(world, cli, monkeypatch):
+    if world:
+        monkeypatch.setenv("WORLD_SIZE", world)  # torchrun's: its SIGTERMs end the ranks after one has failed
+    else:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    seen = []
+    monkeypatch.setattr(main, "run", lambda args: seen.append(signal.getsignal(signal.SIGTERM)) or 0)
+    assert cli([])[0] == 0
+    assert (seen[0] is main._raise_terminated) == (world is None)
+
+
 @pytest.mark.parametrize("problem", ["unwritable out-dir", "other dataset"])
 def test_eval_only_refuses_before_reading_the_data(problem, run_dir, fake_data, tmp_path, cli, monkeypatch):
     no_data_patch(monkeypatch)
