@@ -54,6 +54,10 @@ def atomic_file(path: str, mode: str = "wb", **open_kwargs):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:  # name the file the caller asked for, not the temporary one
+        if error.filename == tmp:
+            error.filename = path
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

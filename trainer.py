@@ -296,6 +296,7 @@ class Trainer:
         self.checkpoint_dir = os.path.join(self.out_dir, checkpoint.FOLDER)
         self.last_checkpoint = os.path.join(self.checkpoint_dir, "last.pt")
         self.stop_signal = None
+        self.resume_path = None  # the checkpoint a resumed run started from: resume_state
         self.run_lock = None  # the open lock file of this run's out-dir (rank 0): prepare_checkpoint_dir
         self.compare_curve = None  # (label, points) for results.png: --compare-curve, read by fit()
 
@@ -454,7 +455,7 @@ class Trainer:
         if resume_state:
             start_epoch, position = self.restore(resume_state)
             if self.is_main:
-                self.carry_run_over(resume_state)
+                self.carry_best_over(resume_state)
         self.warn_if_on_cpu()
         self.log(f"model: {count_parameters(self.model):,} parameters | data: {args.dataset}, "
                  f"{len(cifar.train_images):,} train / {len(cifar.test_images):,} test | device: {self.device}"
@@ -561,8 +562,8 @@ class Trainer:
         raise self.non_finite_error(what, epoch, step)
 
     def non_finite_error(self, what, epoch, step):
-        last = self.last_checkpoint
-        kept = f"the last good checkpoint is {last}" if os.path.isfile(last) else "no checkpoint was written"
+        good = next((path for path in (self.last_checkpoint, self.resume_path) if path and os.path.isfile(path)), None)
+        kept = f"the last good checkpoint is {good}" if good else "no checkpoint was written"
         return TrainingStopped(f"non-finite {what} at epoch {epoch}, step {step}: stopped; {kept} (try a lower --lr)")
 
     def progress_bar(self, epoch, steps, done):
@@ -763,12 +764,11 @@ class Trainer:
         raise checkpoint.CheckpointError(f"--resume {path} would overwrite the run in {self.out_dir} (its "
                                          f"{earlier}): resume into another --out-dir{or_continue}")
 
-    def carry_run_over(self, state):
-        """The resumed run's files in this out-dir from the start, a new one too: metrics.csv and results.png of
-        its history, and, where best.pt is missing, its best model when the checkpoint holds it (saved at the end
-        of its best epoch) or a best.pt beside it does. Otherwise the log says so: the last.pt written here will
-        then name a best model that is not in this folder."""
-        self.write_outputs(metrics=True, plot=bool(self.history))
+    def carry_best_over(self, state):
+        """A resume into an out-dir without best.pt (a new one): the run's best model is saved there at the start
+        when the checkpoint holds it (saved at the end of its best epoch) or a best.pt beside it does. Otherwise
+        the log says so: the last.pt written here will name a best model that is not in this folder. (Only
+        best.pt: a metrics.csv without last.pt would make the folder refuse both a retry and --resume auto.)"""
         if self.best_epoch == 0 or os.path.isfile(os.path.join(self.checkpoint_dir, "best.pt")):
             return
         best = self.best_model_at_hand(state)

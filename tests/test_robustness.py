@@ -629,6 +629,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(run_dir, fake_
     assert all(torch.isfinite(t).all() for t in model_of(last).values())
 
 
+def test_non_finite_loss_in_a_resume_into_a_new_folder_names_the_resumed_checkpoint_and_a_retry_works(
+        run_dir, fake_data, tmp_path, cli):
+    last = os.path.join(run_dir, "checkpoints", "last.pt")
+    out_dir = str(tmp_path / "again")
+    status, out, err = cli(train_args(fake_data, out_dir, "--resume", last, "--lr", "1e30", epochs=2))
+    assert status == 1
+    one_line_error(err, "non-finite", f"the last good checkpoint is {last}")
+    status, out, err = cli(train_args(fake_data, out_dir, "--resume", last, epochs=2))
+    assert status == 0, err
+    assert [row["epoch"] for row in metric_rows(out_dir)] == ["1", "2"]
+
+
+def test_a_file_that_cannot_be_replaced_is_named_in_the_error_not_its_temporary_copy(tmp_path, fake_data, cli):
+    out_dir = tmp_path / "run"
+    (out_dir / "results.png").mkdir(parents=True)  # what a full disk would be at the rename, made repeatable
+    status, out, err = cli(train_args(fake_data, str(out_dir)))
+    assert status == 1
+    one_line_error(err, f"could not write {out_dir / 'results.png'} (Is a directory)")
+
+
 def test_non_finite_loss_in_a_fresh_run_writes_no_checkpoint(tmp_path, fake_data, cli):
     out_dir = str(tmp_path / "run")
     status, out, err = cli(train_args(fake_data, out_dir, "--lr", "1e30", epochs=2))
