@@ -796,7 +796,7 @@ class Trainer:
             candidate = checkpoint.load(beside) if os.path.isfile(beside) else None
         except checkpoint.CheckpointError:
             return None
-        return candidate if candidate is not None and is_the_best(candidate) else None
+        return candidate if is_the_best(candidate) else None  # is_the_best(None) is False
 
     def malformed_state_error(self, error):
         return checkpoint.CheckpointError(f"{self.resume_path} has a malformed training state ({type(error).__name__}: "
