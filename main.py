@@ -52,6 +52,10 @@ fraction = _number(float, minimum=0, below=1)
 seed = _number(int, minimum=0, below=2 ** 63)  # torch.manual_seed's range
 
 
+def positive_int_or_auto(text: str):
+    return text if text == "auto" else positive_int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineErrors(description="Train a from-scratch ViT on CIFAR (defaults: the reference recipe).",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -59,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=positive_int, default=200, help="training epochs")
     train.add_argument("--batch-size", type=positive_int, default=128,
                        help="global batch: under torchrun it is split evenly across the processes")
-    train.add_argument("--eval-batch-size", type=positive_int, default=1000, help="images per evaluation batch")
+    train.add_argument("--eval-batch-size", type=positive_int_or_auto, default="auto",
+                       help="images per evaluation batch; auto: 1000 on CUDA, 128 on the CPU (faster there)")
     train.add_argument("--lr", type=positive_float, default=1e-3, help="peak learning rate, after warm-up")
     train.add_argument("--min-lr", type=non_negative_float, default=1e-5, help="learning rate at the last step")
     train.add_argument("--warmup-epochs", type=non_negative_float, default=5,

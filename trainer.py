@@ -105,6 +105,14 @@ def resolve_attention(requested: str, device: torch.device, amp_dtype) -> str:
     return "math" if device.type == "cpu" and amp_dtype is not None else "sdpa"
 
 
+def resolve_eval_batch_size(requested, device: torch.device) -> int:
+    """auto: large batches on CUDA; on the CPU the training batch size, as batches of 1000 evaluated a quarter
+    slower there (2-core AVX2 CPU, fp32: 62 against 85 images/s; README Speed)."""
+    if requested != "auto":
+        return requested
+    return 1000 if device.type == "cuda" else 128
+
+
 def resolve_compile_mode(requested: str, world: int) -> str:
     """auto: one process replays the whole training step, Adam included, as one CUDA graph (whole-step: 36,947
     against reduce-overhead's 29,316 images/s in bench.py on an H100, torch 2.11; with either data pipeline, each
@@ -292,11 +300,13 @@ class Trainer:
         self.use_cuda = self.device.type == "cuda"
         self.amp_dtype = resolve_precision(args.precision, self.device)
         self.attention = resolve_attention(args.attention, self.device, self.amp_dtype)
+        self.eval_batch_size = resolve_eval_batch_size(args.eval_batch_size, self.device)
         self.out_dir = args.out_dir
         self.checkpoint_dir = os.path.join(self.out_dir, checkpoint.FOLDER)
         self.last_checkpoint = os.path.join(self.checkpoint_dir, "last.pt")
         self.stop_signal = None
         self.resume_path = None  # the checkpoint a resumed run started from: resume_state
+        self.start_notes = []  # resume_state's log lines, printed once every start-up check has passed
         self.run_lock = None  # the open lock file of this run's out-dir (rank 0): prepare_checkpoint_dir
         self.compare_curve = None  # (label, points) for results.png: --compare-curve, read by fit()
 
@@ -405,7 +415,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         predictions = []
-        for batch in shard.split(self.args.eval_batch_size):
+        for batch in shard.split(self.eval_batch_size):
             x = images[batch].to(self.device, non_blocking=True)
             y = labels[batch].to(self.device, non_blocking=True)
             loss, predicted = self.loss_and_predictions(self.model, x, y)
@@ -444,6 +454,8 @@ class Trainer:
         resume_state = self.resume_state()  # checkpoint and out-dir problems show before the data is read
         if self.is_main:
             self.prepare_checkpoint_dir()
+        for note in self.start_notes:  # not before: a refused run must not say it is starting or resuming
+            self.log(note)
         cifar = data.load_cifar(args.dataset, args.data_dir)
         self.classes = cifar.classes
         self.build(cifar.num_classes, checkpoint.model_config_of(resume_state, self.resume_path) if resume_state else None)
@@ -726,7 +738,7 @@ class Trainer:
                                              f"{stopped}), beyond --epochs {self.args.epochs}: resume with --epochs "
                                              f"{reached} or more")
         self.check_resume_config(state, data.NUM_CLASSES[self.args.dataset])
-        self.log(f"resuming from {path} (epoch {state['epoch']} done{stopped})")
+        self.start_notes.append(f"resuming from {path} (epoch {state['epoch']} done{stopped})")
         self.check_recipe_flags(state, stopped_mid_epoch=position is not None)
         return state
 
@@ -745,7 +757,7 @@ class Trainer:
             raise TrainingStopped(f"{earlier} holds an earlier run, and there is no {last} to continue it from: "
                                   f"start the new run in another --out-dir (or move that file away)", 2)
         if path == "auto":
-            self.log(f"--resume auto: no {last}, starting a new run")
+            self.start_notes.append(f"--resume auto: no {last}, starting a new run")
         return None
 
     def refuse_overwriting(self, path, earlier):
@@ -804,7 +816,7 @@ class Trainer:
                                           f"resume from another checkpoint or start a new --out-dir")
 
     def check_recipe_flags(self, state, stopped_mid_epoch: bool):
-        """Flags that differ from the checkpoint's: logged, so a changed recipe is never silent; refused for the
+        """Flags that differ from the checkpoint's: noted in the log, so a changed recipe is never silent; refused for the
         batch size and seed of a run stopped mid-epoch, whose remaining steps are slices of that epoch's order."""
         stored = state.get("config") if isinstance(state.get("config"), dict) else {}
         if not stored:
@@ -822,7 +834,7 @@ class Trainer:
                                              f"whose remaining steps depend on --batch-size and --seed ({describe}): "
                                              f"resume with the checkpoint's values or start a new --out-dir")
         if changed:
-            self.log(f"note: resuming with changed flags ({describe}); the run goes on with the new values")
+            self.start_notes.append(f"note: resuming with changed flags ({describe}); the run goes on with the new values")
 
     def check_resume_config(self, state, num_classes):
         wanted = dataclasses.asdict(model_config_from_args(self.args, num_classes, self.attention))

@@ -40,6 +40,27 @@ def test_auto_attention_is_explicit_only_on_the_cpu_in_bf16():
     assert trainer.resolve_attention("math", CUDA, None) == "math"
 
 
+def test_auto_eval_batch_is_large_on_cuda_only():
+    assert trainer.resolve_eval_batch_size("auto", CUDA) == 1000
+    assert trainer.resolve_eval_batch_size("auto", CPU) == 128
+    assert trainer.resolve_eval_batch_size(300, CPU) == 300
+    assert main.parse_args([]).eval_batch_size == "auto"
+    assert main.parse_args(["--eval-batch-size", "64"]).eval_batch_size == 64
+
+
+@pytest.mark.parametrize("flags, batches", [([], [128, 128, 44]), (["--eval-batch-size", "200"], [200, 100])])
+def test_evaluation_runs_in_batches_of_the_resolved_size(flags, batches):
+    run = trainer.Trainer(main.parse_args(["--device", "cpu", "--layers", "1", "--hidden", "16", "--mlp-hidden", "16",
+                                           "--heads", "2", *flags]))
+    run.build(10)
+    seen = []
+    forward = run.loss_and_predictions
+    run.loss_and_predictions = lambda network, x, y: seen.append(len(x)) or forward(network, x, y)
+    images = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8)
+    _, _, predictions = run.evaluate(images, torch.zeros(300, dtype=torch.long))
+    assert seen == batches and len(predictions) == 300
+
+
 def test_auto_compile_mode_graphs_one_process_only():
     assert trainer.resolve_compile_mode("auto", 1) == "whole-step"
     assert trainer.resolve_compile_mode("auto", 2) == "default"

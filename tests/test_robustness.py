@@ -538,7 +538,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, signal_data, cli
         assert not os.path.exists(os.path.join(out_dir, "checkpoints", "last.pt"))
         for extra in ([], ["--resume", "auto"]):
             status, out, err = cli([*common, "--epochs", "3", "--seed", "1", *extra])
-            assert status == 2
+            assert status == 2 and out == ""  # neither "resuming from" nor "starting a new run"
             one_line_error(err, f"error: another run is writing into {out_dir} (it holds "
                                 f"{os.path.join(out_dir, 'checkpoints', trainer.RUN_LOCK)})", "another --out-dir")
     finally:
@@ -591,6 +591,7 @@ def test_resume_mid_epoch_with_another_batch_size_or_seed_is_refused(run_dir, fa
     assert status == 2
     one_line_error(err, f"error: {run_dir}/checkpoints/last.pt stopped in the middle of an epoch", fragment,
                    "resume with the checkpoint's values or start a new --out-dir")
+    assert out == ""  # no "resuming from" for a run that does not resume
     assert snapshot(run_dir) == before
 
 
