@@ -909,8 +909,8 @@ class Trainer:
             os._exit(128 + signum)
         self.stop_signal = signum
         if self.is_main:
-            print(f"received {signal.Signals(signum).name}: finishing the current step and saving "
-                  f"checkpoints/last.pt (send it again to exit at once)", flush=True)
+            print(f"received {signal.Signals(signum).name}: finishing the current training step or "
+                  f"evaluation, then saving checkpoints/last.pt (send it again to exit at once)", flush=True)
 
     def stop_mid_epoch(self, epoch, steps_done, sums, seconds):
         position = {"epoch": epoch, "step": steps_done, "sums": self.all_reduce(sums.clone()).cpu(), "seconds": seconds}

@@ -88,7 +88,7 @@ def test_every_model_flag_reaches_the_model():
     assert len(runner.model.layers) == 3 and not runner.model.layers[0].mlp.final_gelu
 
 
-def test_a_resume_names_every_changed_training_flag_a_new_one_too(capsys):
+def test_a_resume_names_every_changed_training_flag_a_new_one_too():
     """Every flag but those that choose how to compute or report is compared with the checkpoint's; a flag the
     checkpoint does not know (it is older than the flag) is compared with the flag's default."""
     args = main.parse_args(["--device", "cpu", "--lr", "2e-3"])
@@ -99,19 +99,19 @@ def test_a_resume_names_every_changed_training_flag_a_new_one_too(capsys):
     stored.update({flag: f"other {flag}" for flag in trainer.COMPUTE_AND_OUTPUT_FLAGS})  # silent, all of them
     args.no_autoaugment, stored["no_autoaugment"] = True, False  # as if a researcher had added --no-autoaugment
     runner.check_recipe_flags({"config": stored}, stopped_mid_epoch=False)
-    assert capsys.readouterr().out == ("note: resuming with changed flags (--lr 0.001 in the checkpoint, 0.002 now; "
-                                       "--no-autoaugment False in the checkpoint, True now); the run goes on with "
-                                       "the new values\n")
+    assert runner.start_notes == ["note: resuming with changed flags (--lr 0.001 in the checkpoint, 0.002 now; "
+                                  "--no-autoaugment False in the checkpoint, True now); the run goes on with "
+                                  "the new values"]
 
 
 @pytest.mark.parametrize("pipeline, named", [("torchvision", True), ("device", False)])
-def test_a_resume_names_changed_workers_where_they_change_the_augmentation(capsys, pipeline, named):
+def test_a_resume_names_changed_workers_where_they_change_the_augmentation(pipeline, named):
     """The torchvision pipeline's workers each draw their own augmentation stream; the device pipeline has none."""
     args = main.parse_args(["--device", "cpu", "--data-pipeline", pipeline, "--workers", "3"])
     runner = trainer.Trainer(args)
     runner.resume_path = "last.pt"
     runner.check_recipe_flags({"config": {**vars(args), "workers": 1}}, stopped_mid_epoch=False)
-    assert ("--workers 1 in the checkpoint, 3 now" in capsys.readouterr().out) == named
+    assert ("--workers 1 in the checkpoint, 3 now" in " ".join(runner.start_notes)) == named
 
 
 def test_a_resume_compares_the_model_with_an_older_checkpoints_defaults():
