@@ -71,7 +71,8 @@ def subset(cifar: data.Cifar, train: int, test: int) -> data.Cifar:
 
 
 def bench_training(name, flags, cifar, opts):
-    """Images/s of whole loader epochs over steps*batch images: warm-up epoch, then a timed one."""
+    """Images/s over a subset of steps*batch training images: `opts.warmup` untimed steps of one epoch, then one
+    whole timed epoch of the subset; then the evaluation rate, after an untimed evaluation."""
     args = main.parse_args(opts.model_tokens + flags + ["--device", opts.device, "--batch-size", str(opts.batch_size),
                                                         "--workers", str(opts.workers), "--epochs", "200"])
     trainer = Trainer(args)

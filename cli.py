@@ -1,5 +1,6 @@
 """What the command-line scripts (main.py, bench.py, predict.py, plots.py) share: argparse with one-line errors,
-the type of their path arguments, a Ctrl-C that ends them in one line, and a stdout that prints any path."""
+the type of their path arguments and a stdout that prints any path; and for all but main.py (which stops on
+signals itself: trainer.py and main.main) a Ctrl-C that ends them in one line."""
 import argparse
 import os
 import sys

@@ -1,4 +1,5 @@
-"""results.png: training curves of a run, rewritten after every epoch so a long run can be watched.
+"""results.png: training curves of a run, redrawn during training (at most every --write-interval seconds, and after
+the first and last epochs) so a long run can be watched.
 
 Redraw it from a run's metrics.csv, optionally against another curve (the reference's, or another run's):
     python plots.py runs/a/metrics.csv runs/a/vs-reference.png --compare-curve reference/seed-test-curve.csv
