@@ -25,6 +25,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+FILL = 128  # grey for the pixels that geometric operations uncover, in both pipelines (data.py)
+
 OPS = (
     "ShearX",
     "ShearY",
@@ -353,11 +355,13 @@ def _check_images(images):
         raise ValueError(f"expected uint8 images of shape [N, 3, H, W], got {images.dtype} {tuple(images.shape)}")
 
 
-def apply_op(images: torch.Tensor, op_name: str, magnitudes: torch.Tensor, fill: int = 128) -> torch.Tensor:
+def apply_op(images: torch.Tensor, op_name: str, magnitudes: torch.Tensor, fill: int = FILL) -> torch.Tensor:
     """Apply ``op_name`` to every image, image i with the signed magnitude ``magnitudes[i]``.
 
     Magnitudes are the values torchvision's AutoAugment passes (see ``magnitude``), already
     negated where the sign draw says so; they are ignored by operations that take none.
+    One operation at a time, for the tests and for trying an operation alone: the policy (``_apply_policy``)
+    warps the images of all five geometric operations in one ``grid_sample``, from the same matrices.
     """
     _check_images(images)
     if op_name not in _OP_FUNCTIONS:
@@ -478,13 +482,13 @@ def _apply_policy(images, sub_policies, applies, negates, fill):
     return output
 
 
-def autoaugment_cifar10(images: torch.Tensor, fill: int = 128, generator: torch.Generator | None = None) -> torch.Tensor:
+def autoaugment_cifar10(images: torch.Tensor, fill: int = FILL, generator: torch.Generator | None = None) -> torch.Tensor:
     """AutoAugment, CIFAR-10 policy, with its own random draws for every image."""
     _check_images(images)
     sub_policies, applies, negates = _draw_policy(images.shape[0], generator, images.device)
     return _apply_policy(images, sub_policies, applies, negates, fill)
 
 
-def train_augment(images: torch.Tensor, generator: torch.Generator | None = None, fill: int = 128) -> torch.Tensor:
+def train_augment(images: torch.Tensor, generator: torch.Generator | None = None, fill: int = FILL) -> torch.Tensor:
     """The full training augmentation: random crop and flip, then AutoAugment."""
     return autoaugment_cifar10(random_crop_flip(images, generator=generator), fill=fill, generator=generator)

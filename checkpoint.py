@@ -160,7 +160,7 @@ def file_problem(path: str) -> str | None:
     return None
 
 
-def load(path: str, map_location="cpu", another: str = "use another checkpoint file") -> dict:
+def load(path: str, another: str = "use another checkpoint file") -> dict:
     """The checkpoint dict; a CheckpointError that says why not, ending with `another` where another file
     is the fix."""
     problem = file_problem(path)
@@ -173,7 +173,7 @@ def load(path: str, map_location="cpu", another: str = "use another checkpoint f
     try:  # from here on every failure is the file's content (a cut file can raise OSError: Invalid argument)
         with file, warnings.catch_warnings():  # torch's notes on odd pickles; the error below says what is wrong
             warnings.simplefilter("ignore")
-            state = torch.load(file, map_location=map_location, weights_only=True)
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         reason = _unpickling_reason(error)
         if "GLOBAL" in reason:  # it names code or a class to import: what a malicious pickle needs
@@ -200,7 +200,7 @@ def _unpickling_reason(error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def model_config_of(state: dict, path: str = "the checkpoint") -> ViTConfig:
+def model_config_of(state: dict, path: str) -> ViTConfig:
     fields = {f.name for f in dataclasses.fields(ViTConfig)}
     try:
         return ViTConfig(**{k: v for k, v in state["model_config"].items() if k in fields})
@@ -208,7 +208,7 @@ def model_config_of(state: dict, path: str = "the checkpoint") -> ViTConfig:
         raise CheckpointError(f"{path} has an invalid model_config ({error})") from None
 
 
-def load_weights(model, state: dict, path: str = "the checkpoint") -> None:
+def load_weights(model, state: dict, path: str) -> None:
     """model.load_state_dict(state["model"]), with a CheckpointError when the weights do not fit."""
     try:
         model.load_state_dict(state["model"])

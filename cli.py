@@ -21,6 +21,11 @@ def nonempty_path(value: str) -> str:
     return os.path.expanduser(value)
 
 
+def first_line(error) -> str:
+    """The first non-blank line of an exception's message (or of a text), stripped; "" when there is none."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+
+
 def escape_what_stdout_cannot_encode() -> None:
     """A path the output's encoding cannot show (a Latin-1 file name under PYTHONIOENCODING=utf-8, a Chinese one
     on a Latin-1 terminal) is printed with backslash escapes instead of ending the script with UnicodeEncodeError,

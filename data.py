@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from augment import train_augment
+from augment import FILL, train_augment
 from checkpoint import hold_lock
 
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -29,7 +29,6 @@ STD = (0.2470, 0.2435, 0.2616)
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 DATASETS = tuple(NUM_CLASSES)
 PIPELINES = ("device", "torchvision")
-AUTOAUGMENT_FILL = 128
 
 FOLDERS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 _URLS = {"cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -197,6 +196,11 @@ def epoch_seed(seed: int, epoch: int, rank: int = -1) -> int:
     return (seed * 1_000_003 + epoch * 1_009 + rank + 1) % (2 ** 63)
 
 
+def steps_per_epoch(num_samples: int, batch_size: int) -> int:
+    """Full batches and the last partial one, which is kept (as the reference's DataLoader keeps it)."""
+    return -(-num_samples // batch_size)
+
+
 class EpochBatches:
     """The per-step index lists of one epoch for one rank."""
 
@@ -227,7 +231,7 @@ class DeviceTrainLoader:
         self.augment, self.rank, self.world, self.chunk = augment, rank, world, chunk
 
     def steps(self) -> int:
-        return -(-self.num_samples // self.batch_size)
+        return steps_per_epoch(self.num_samples, self.batch_size)
 
     def epoch(self, epoch: int):
         """Yields (uint8 images, labels) batches of this rank for `epoch`."""
@@ -238,7 +242,7 @@ class DeviceTrainLoader:
             generator = torch.Generator(self.device).manual_seed(epoch_seed(self.seed, epoch, self.rank))
             # Chunks bound augment.py's temporary tensors. Draws are made chunk by chunk, so another chunk
             # size gives a seed other augmentations.
-            images = torch.cat([train_augment(part, generator=generator, fill=AUTOAUGMENT_FILL)
+            images = torch.cat([train_augment(part, generator=generator)
                                 for part in images.split(self.chunk)])
         start = 0
         for batch in plan.batches:
@@ -252,7 +256,7 @@ def torchvision_train_transform():
     return transforms.Compose([
         transforms.RandomCrop(32, padding=4),
         transforms.RandomHorizontalFlip(),
-        transforms.AutoAugment(transforms.AutoAugmentPolicy.CIFAR10, fill=[AUTOAUGMENT_FILL] * 3),
+        transforms.AutoAugment(transforms.AutoAugmentPolicy.CIFAR10, fill=[FILL] * 3),
         transforms.PILToTensor(),
     ])
 
@@ -287,7 +291,7 @@ class TorchvisionTrainLoader:
         self.workers, self.pin_memory, self.rank, self.world = workers, pin_memory, rank, world
 
     def steps(self) -> int:
-        return -(-self.num_samples // self.batch_size)
+        return steps_per_epoch(self.num_samples, self.batch_size)
 
     def epoch(self, epoch: int):
         plan = EpochBatches(self.num_samples, self.batch_size, self.seed, epoch, self.rank, self.world)

@@ -185,9 +185,6 @@ def _init_weights(module):
     if isinstance(module, nn.Linear):
         _trunc_normal(module.weight)
         nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from checkpoint import CheckpointError, load_model, probe_writable
-from cli import OneLineErrors, nonempty_path, run_script
+from cli import OneLineErrors, first_line, nonempty_path, run_script
 from data import normalize
 from visualize import save_attention_figure
 
@@ -85,7 +85,7 @@ def read_image(path: str, size: int) -> Prediction:
         reason = error.strerror or str(error)
     except (ValueError, SyntaxError, Image.DecompressionBombError) as error:  # SyntaxError: Pillow's broken PNG chunk
         reason = str(error)
-    return Prediction(path, error=reason.strip().splitlines()[0] if reason.strip() else "unreadable")
+    return Prediction(path, error=first_line(reason) or "unreadable")
 
 
 def predict_images(model, classes: list, paths: list) -> list:
@@ -132,10 +132,11 @@ def parse_args(argv=None):
                         help="also write <out-dir>/<image-stem>_attention.png for each image (-2, -3, ... for a repeated stem)")
     parser.add_argument("--out-dir", default=".", type=nonempty_path, help="folder for the --attention figures (default: .)")
     args = parser.parse_args(argv)
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but CUDA is not available here: use --device cpu")
+    from trainer import TrainingStopped, resolve_device
+    try:
+        args.device = resolve_device(args.device).type
+    except TrainingStopped as error:
+        parser.error(str(error))
     if args.attention:
         try:
             probe_writable(args.out_dir)
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
         return 2
     except Exception as error:  # e.g. weights that do not fit the stored config, or a corrupt pickle
         print(f"error: checkpoint {args.checkpoint} could not be loaded "
-              f"({type(error).__name__}: {str(error).strip().splitlines()[0]})", file=sys.stderr)
+              f"({type(error).__name__}: {first_line(error)})", file=sys.stderr)
         return 2
     classes = state.get("classes")
     if not classes or len(classes) != model.config.num_classes:

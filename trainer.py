@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import data
+from cli import first_line
 import plots
 import visualize
 from models import ViTConfig, VisionTransformer, count_parameters
@@ -264,7 +265,7 @@ class StepGraph:
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.outputs = self.body()
         except Exception as error:  # any failure has the one remedy; the weights are as the warm-up left them
-            reason = (str(error).strip().splitlines() or [""])[0]
+            reason = first_line(error)
             raise TrainingStopped(f"capturing the training step as one CUDA graph failed ({type(error).__name__}: "
                                   f"{reason}): run with --compile-mode reduce-overhead instead") from error
         self.graph = graph  # only a capture that succeeded is replayed
@@ -812,7 +813,7 @@ class Trainer:
 
     def malformed_state_error(self, error):
         return checkpoint.CheckpointError(f"{self.resume_path} has a malformed training state ({type(error).__name__}: "
-                                          f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}): "
+                                          f"{first_line(error)}): "
                                           f"resume from another checkpoint or start a new --out-dir")
 
     def check_recipe_flags(self, state, stopped_mid_epoch: bool):
@@ -892,7 +893,7 @@ class Trainer:
 
     def install_signal_handlers(self):
         self._previous_handlers, self._handler_pid = {}, os.getpid()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for signum in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._previous_handlers[signum] = signal.signal(signum, self.on_signal)
             except ValueError:  # not the main thread
@@ -903,8 +904,8 @@ class Trainer:
             signal.signal(signum, handler)
 
     def on_signal(self, signum, frame):
-        if signum == signal.SIGHUP or os.getpid() != self._handler_pid:
-            return  # a closed SSH session must not end a nohup'd run; DataLoader workers inherit the handler
+        if os.getpid() != self._handler_pid:
+            return  # DataLoader workers inherit the handler (main.py ignores SIGHUP, a closed SSH session)
         if self.stop_signal is not None:
             os._exit(128 + signum)
         self.stop_signal = signum

@@ -73,7 +73,6 @@ def test_auto_compile_mode_graphs_one_process_only():
 
 @pytest.mark.parametrize("mode", ["reduce-overhead", "whole-step"])
 def test_cuda_graphs_are_refused_under_torchrun_and_with_no_compile(monkeypatch, capsys, mode):
-    import main
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")

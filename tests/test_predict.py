@@ -283,3 +283,28 @@ def test_an_attention_figure_never_replaces_an_input_image(tmp_path):
     inputs = [str(tmp_path / "cat.png"), str(tmp_path / "cat_attention.png")]
     assert predict.attention_figure_paths(inputs, str(tmp_path)) == [
         str(tmp_path / "cat-2_attention.png"), str(tmp_path / "cat_attention_attention.png")]
+
+
+@pytest.mark.parametrize("device, expected", [("auto", "cpu"), ("cpu", "cpu"), ("cuda", None)])
+def test_the_device_resolves_as_in_training_and_missing_cuda_is_one_line(tmp_path, capsys, monkeypatch, device,
+                                                                          expected):
+    checkpoint_path = save_checkpoint(tmp_path / "model.pt")
+    good = save_image(tmp_path / "good.png", random_pixels(32, 32))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    asked = []
+
+    def load_model(path, device):
+        asked.append(device)
+        raise ValueError()  # the device is chosen: stop here (an exception without a message, as some are)
+
+    monkeypatch.setattr(predict, "load_model", load_model)
+    if expected:
+        assert predict.main([good, "--checkpoint", checkpoint_path, "--device", device]) == 2
+        assert asked == [expected]
+        assert capsys.readouterr().err == f"error: checkpoint {checkpoint_path} could not be loaded (ValueError: )\n"
+    else:
+        with pytest.raises(SystemExit) as exit_:
+            predict.main([good, "--checkpoint", checkpoint_path, "--device", device])
+        assert exit_.value.code == 2 and asked == []
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and "--device cuda was asked for but CUDA is not available" in lines[0], lines

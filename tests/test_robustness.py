@@ -1077,28 +1077,6 @@ def test_valid_edge_value_is_accepted(flag, value):
     assert float(getattr(args, flag[2:].replace("-", "_"))) == float(value)
 
 
-def test_invalid_flag_from_the_command_line_is_one_line(tmp_path):
-    result = run_main(["--lr", "nan", "--out-dir", str(tmp_path / "run")])
-    assert result.returncode == 2
-    usage_error(result.stderr, "argument --lr: 'nan' is not a finite number")
-    assert not os.path.exists(tmp_path / "run")
-
-
-def test_unknown_dataset_is_refused(tmp_path, cli):
-    status, out, err = cli(["--dataset", "mnist", "--out-dir", str(tmp_path / "run")])
-    assert status == 2
-    usage_error(err, "argument --dataset: invalid choice: 'mnist'")
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
-def test_device_cuda_without_cuda_is_refused(tmp_path, fake_data, cli, no_training, no_data):
-    status, out, err = cli([*TINY_MODEL, "--data-dir", fake_data, "--out-dir", str(tmp_path / "run"), "--epochs",
-                            "1", "--warmup-epochs", "0", "--device", "cuda"])
-    assert status == 2
-    one_line_error(err, "--device cuda was asked for but CUDA is not available", "--device cpu")
-    assert not os.path.exists(tmp_path / "run")
-
-
 def test_ctrl_c_while_starting_is_one_line_and_sighup_is_ignored_from_the_start(cli, monkeypatch):
     signal.signal(signal.SIGHUP, signal.SIG_DFL)  # (cli restores the handler it found)
     seen = []

@@ -61,20 +61,6 @@ def test_class_token_map_is_row_zero_over_patches_in_row_major_grid():
         visualize.class_token_map(torch.rand(1, 65, 65), CONFIG)
 
 
-def test_forward_with_attention_gives_the_fused_models_logits_and_softmax_weights():
-    math_model = tiny_model()
-    fused_model = VisionTransformer(dataclasses.replace(CONFIG, attention="sdpa")).eval()
-    fused_model.load_state_dict(math_model.state_dict())
-    images = normalize(random_images(3))
-    with torch.no_grad():
-        logits, attentions = math_model.forward_with_attention(images)
-        torch.testing.assert_close(logits, fused_model(images), atol=1e-5, rtol=1e-5)
-    assert len(attentions) == CONFIG.layers
-    for weights in attentions:
-        assert weights.shape == (3, CONFIG.heads, 17, 17)
-        torch.testing.assert_close(weights.sum(dim=-1), torch.ones(3, CONFIG.heads, 17))
-
-
 def test_attention_maps_come_from_the_forward_pass_in_eval_mode_and_restore_training():
     model = tiny_model(dataclasses.replace(CONFIG, dropout=0.5))
     images = random_images(2)
