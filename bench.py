@@ -173,7 +173,7 @@ def device_kernels(events):
 
 def bench_augmentation(cifar, opts, device):
     """Images/s of the training augmentation alone: PIL per image in DataLoader workers vs batched on device."""
-    n = opts.augment_images  # at most the training set (main_cli)
+    n = opts.augment_images  # at most the training set (fit_to_data)
     images, labels = cifar.train_images[:n], cifar.train_labels[:n]
     pil = data.TorchvisionTrainLoader(images, labels, 256, seed=0, workers=opts.workers, pin_memory=False)
     start = time.perf_counter()
@@ -309,7 +309,7 @@ def row_flags_joined(argv: list) -> list:
     return joined
 
 
-def main_cli(argv=None):
+def build_parser() -> OneLineErrors:
     p = OneLineErrors(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--data-dir", type=nonempty_path, help="a folder holding cifar-10-batches-py/ (default: ./data if it holds one, "
@@ -331,6 +331,12 @@ def main_cli(argv=None):
                         "for several rows (default: one row, the defaults)")
     p.add_argument("--profile-steps", type=main.non_negative_int, default=0,
                    help="after timing, profile this many steps of each row (torch.profiler; 0: off)")
+    return p
+
+
+def parse_options(p, argv):
+    """The options, checked before any work (the rows' flags split into tokens), the fast rows' tokens and the
+    device."""
     opts, unknown = p.parse_known_args(row_flags_joined(sys.argv[1:] if argv is None else argv))
     if unknown:  # a word that is no flag: most likely the second word of an unquoted `--fast-flags --precision fp32`
         hint = ("" if all(token.startswith("-") for token in unknown) else
@@ -357,13 +363,13 @@ def main_cli(argv=None):
     except TrainingStopped as error:
         p.error(str(error))
     opts.device = device.type
-    on_cuda = device.type == "cuda"
-    try:
-        cifar, source = load_data(opts.data_dir or "./data")
-    except data.DataError as error:
-        p.error(f"{error} (bench.py never downloads: fix or remove the folder, or let main.py download it)")
+    return opts, fast_rows, device
+
+
+def fit_to_data(p, opts, cifar):
+    """The defaults fitted to the data (a small copy holds fewer images); a request it cannot meet is refused."""
+    on_cuda = opts.device == "cuda"
     train_held, test_held = len(cifar.train_images), len(cifar.test_images)
-    # the defaults fit the data (a small copy); a request it cannot meet is refused below
     opts.steps = opts.steps or max(1, min(300 if on_cuda else 8, train_held // opts.batch_size))
     opts.warmup = opts.warmup or min(30 if on_cuda else 2, opts.steps)
     opts.eval_images = opts.eval_images or min(10_000 if on_cuda else 1_000, test_held)
@@ -379,8 +385,18 @@ def main_cli(argv=None):
     if opts.warmup > opts.steps:
         p.error(f"--warmup {opts.warmup} is more than --steps {opts.steps}: the warm-up runs on the timed steps' "
                 f"batches, so it can be at most as many")
+
+
+def main_cli(argv=None):
+    p = build_parser()
+    opts, fast_rows, device = parse_options(p, argv)
+    try:
+        cifar, source = load_data(opts.data_dir or "./data")
+    except data.DataError as error:
+        p.error(f"{error} (bench.py never downloads: fix or remove the folder, or let main.py download it)")
+    fit_to_data(p, opts, cifar)
     model = describe_model(opts.model_tokens, cifar.num_classes)
-    machine = torch.cuda.get_device_name(device) if on_cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     header = (f"bench: {machine} | torch {torch.__version__} | {source} | model {model['model_flags']}: "
               f"{model['parameters']:,} parameters, {model['forward_gflop_per_image']:.3g} GFLOP forward per image | "
               f"batch {opts.batch_size} | {opts.steps} timed steps after {opts.warmup} | "
