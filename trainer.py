@@ -455,8 +455,6 @@ class Trainer:
         resume_state = self.resume_state()  # checkpoint and out-dir problems show before the data is read
         if self.is_main:
             self.prepare_checkpoint_dir()
-        for note in self.start_notes:  # not before: a refused run must not say it is starting or resuming
-            self.log(note)
         cifar = data.load_cifar(args.dataset, args.data_dir)
         self.classes = cifar.classes
         self.build(cifar.num_classes, checkpoint.model_config_of(resume_state, self.resume_path) if resume_state else None)
@@ -467,8 +465,10 @@ class Trainer:
         self.history, self.best_acc, self.best_epoch, start_epoch, position = [], 0.0, 0, 1, None
         if resume_state:
             start_epoch, position = self.restore(resume_state)
-            if self.is_main:
-                self.carry_best_over(resume_state)
+        for note in self.start_notes:  # not before: a refused run must not say it is starting or resuming
+            self.log(note)
+        if resume_state and self.is_main:
+            self.carry_best_over(resume_state)
         self.warn_if_on_cpu()
         self.log(f"model: {count_parameters(self.model):,} parameters | data: {args.dataset}, "
                  f"{len(cifar.train_images):,} train / {len(cifar.test_images):,} test | device: {self.device}"

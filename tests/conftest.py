@@ -1,4 +1,5 @@
 """Shared test fixtures: tiny fake CIFAR folders, a tiny-model command line for main.py, and small helpers."""
+import contextlib
 import csv
 import os
 import pickle
@@ -21,6 +22,35 @@ def relative_error(a, b) -> float:
         return torch.cat([t.detach().double().flatten() for t in ([x] if isinstance(x, torch.Tensor) else x)])
     a, b = flat(a), flat(b)
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """One intra-op thread: on a small machine shared with other processes, spinning OpenMP threads make small
+    calls (and even the 6M-parameter model) several times slower. The count is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def one_line_error(err, *fragments):
+    """stderr is exactly one line (no traceback, no warning) that holds every fragment."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    for fragment in fragments:
+        assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def usage_error(err, *fragments):
+    """A parse-time error: one `prog: error: ...` line holding every fragment, no usage block."""
+    line = one_line_error(err, *fragments)
+    assert ": error: " in line, line
+    return line
 
 
 def load_script(name):

@@ -5,13 +5,14 @@ Every comparison with torchvision is exact: the batched code reproduces torchvis
 arithmetic (see the docstrings of augment._blend and augment._sharpness), so no tolerance is used.
 """
 
-import contextlib
 import math
 
 import pytest
 import torch
 from torchvision.transforms.v2 import AutoAugment, AutoAugmentPolicy, InterpolationMode
 from torchvision.transforms.v2 import functional as TF
+
+from conftest import one_torch_thread
 
 import augment
 from augment import (
@@ -64,19 +65,8 @@ def reference_op(image, op_name, mag, fill=FILL):
     raise ValueError(op_name)
 
 
-@contextlib.contextmanager
-def single_thread():
-    """Image-by-image torchvision calls are tiny; intra-op threads only add overhead to them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def reference_batch(images, op_name, mags, fill=FILL):
-    with single_thread():
+    with one_torch_thread():
         return torch.stack([reference_op(img, op_name, float(m), fill) for img, m in zip(images, mags)])
 
 
@@ -287,7 +277,7 @@ def test_autoaugment_applies_each_samples_draws():
     # every sub-policy and both slots are exercised
     assert torch.unique(sub_policies).numel() == 25
     assert applies.any(dim=0).all() and not applies.all()
-    with single_thread():
+    with one_torch_thread():
         for i in range(len(images)):
             expected = reference_autoaugment(images[i], int(sub_policies[i]), applies[i].tolist(), negates[i].tolist())
             assert torch.equal(output[i], expected), i
@@ -371,7 +361,7 @@ def test_autoaugment_on_cuda():
     draws = augment._draw_policy(len(images), torch.Generator(device=device).manual_seed(5), device)
     output = autoaugment_cifar10(images, generator=torch.Generator(device=device).manual_seed(5))
     sub_policies, applies, negates = (t.cpu() for t in draws)
-    with single_thread():
+    with one_torch_thread():
         for i in range(len(images)):
             expected = reference_autoaugment(images[i], int(sub_policies[i]), applies[i].tolist(), negates[i].tolist())
             assert torch.equal(output[i], expected), i

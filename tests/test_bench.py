@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import bench
 import trainer
-from conftest import ROOT, load_script, write_fake_cifar
+from conftest import ROOT, load_script, usage_error, write_fake_cifar
 from models import ViTConfig, VisionTransformer
 
 
@@ -126,8 +126,7 @@ def assert_refused(argv, fragment, capsys):
     with pytest.raises(SystemExit) as exit_:
         bench.main_cli(argv)
     assert exit_.value.code == 2
-    lines = capsys.readouterr().err.splitlines()
-    assert len(lines) == 1 and ": error: " in lines[0] and fragment in lines[0], lines
+    usage_error(capsys.readouterr().err, fragment)
 
 
 def no_work(*args, **kwargs):

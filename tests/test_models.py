@@ -9,20 +9,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import relative_error
+from conftest import one_torch_thread, relative_error
 from models import ViTConfig, VisionTransformer, count_parameters, self_attention
 
 SMALL = ViTConfig(layers=2, hidden=32, mlp_hidden=48, heads=4)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a small machine shared with other processes, spinning OpenMP threads make the
-    6M-parameter model several times slower. Restored afterwards for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def in_one_torch_thread():
+    with one_torch_thread():
+        yield
 
 
 def model_pair(config: ViTConfig, sdpa_model: VisionTransformer | None = None):
