@@ -106,7 +106,7 @@ def bench_training(name, flags, cifar, opts):
 
     epoch_seconds = len(cifar.train_images) / train_ips + len(cifar.test_images) / eval_ips
     result = {"config": name, "flags": " ".join(flags) or "(defaults)", "settings": trainer.settings_label(),
-              "parameters": count_parameters(trainer.model),
+              "parameters": count_parameters(trainer.model), "eval_batch_size": trainer.eval_batch_size,
               "train_images_per_s": train_ips, "eval_images_per_s": eval_ips, "peak_memory_mib": peak_memory_mib(device),
               "projected_epoch_s": epoch_seconds, "projected_200_epochs_min": 200 * epoch_seconds / 60}
     if device.type == "cuda":

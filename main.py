@@ -53,7 +53,12 @@ seed = _number(int, minimum=0, below=2 ** 63)  # torch.manual_seed's range
 
 
 def positive_int_or_auto(text: str):
-    return text if text == "auto" else positive_int(text)
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error} (or auto)") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,9 +192,10 @@ def _raise_terminated(signum, frame):
 
 
 def main(argv=None) -> int:
+    handled = (signal.SIGTERM, signal.SIGHUP) if hasattr(signal, "SIGHUP") else (signal.SIGTERM,)
+    previous = {signum: signal.getsignal(signum) for signum in handled}
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed SSH session must not end a run, from its start
-    previous_sigterm = signal.getsignal(signal.SIGTERM)
     # Not under torchrun: there a SIGTERM outside the epochs is the launcher ending the other ranks after one
     # failed, and a line from each of them would bury the failure's own.
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
@@ -201,8 +207,9 @@ def main(argv=None) -> int:
         print(f"error: interrupted{by} outside the training loop; the files already written are kept",
               file=sys.stderr, flush=True)
         return 128 + (signal.SIGTERM if by else signal.SIGINT)
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+    finally:  # an in-process caller gets its handlers back
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def run(args) -> int:

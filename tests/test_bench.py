@@ -48,6 +48,7 @@ def test_bench_rows_json_and_profiles(tmp_path, fake_cifar10):
         "pipeline: device | precision: bf16 | attention: math | compile: off"]
     for r in rows:
         assert r["train_images_per_s"] > 0 and r["eval_images_per_s"] > 0
+        assert r["eval_batch_size"] == 128  # main.py's auto on the CPU: the rate is of that batch size
         assert r["profile"]["steps"] == 2
         table = open(r["profile"]["table"]).read()
         assert table.startswith(f"{r['config']}: 2 steps") and "aten::" in table

@@ -48,6 +48,12 @@ def test_auto_eval_batch_is_large_on_cuda_only():
     assert main.parse_args(["--eval-batch-size", "64"]).eval_batch_size == 64
 
 
+def test_a_bad_eval_batch_size_names_auto_too(capsys):
+    with pytest.raises(SystemExit):
+        main.parse_args(["--eval-batch-size", "many"])
+    assert capsys.readouterr().err.strip().endswith("argument --eval-batch-size: 'many' is not an integer (or auto)")
+
+
 @pytest.mark.parametrize("flags, batches", [([], [128, 128, 44]), (["--eval-batch-size", "200"], [200, 100])])
 def test_evaluation_runs_in_batches_of_the_resolved_size(flags, batches):
     run = trainer.Trainer(main.parse_args(["--device", "cpu", "--layers", "1", "--hidden", "16", "--mlp-hidden", "16",

@@ -91,7 +91,6 @@ def model_of(path):
 def cli(capsys, monkeypatch):
     """main.main(argv) in this process -> (exit status, stdout, stderr); the end-of-run figures are skipped."""
     monkeypatch.setattr(trainer.Trainer, "write_report", lambda self, *args, **kwargs: None)
-    sighup = signal.getsignal(signal.SIGHUP)  # main() ignores SIGHUP in this process
 
     def run(argv):
         try:
@@ -100,8 +99,7 @@ def cli(capsys, monkeypatch):
             status = exit_.code
         out, err = capsys.readouterr()
         return status, out, err
-    yield run
-    signal.signal(signal.SIGHUP, sighup)
+    return run
 
 
 @pytest.fixture
@@ -1055,7 +1053,7 @@ def test_valid_edge_value_is_accepted(flag, value):
 
 
 def test_ctrl_c_while_starting_is_one_line_and_sighup_is_ignored_from_the_start(cli, monkeypatch):
-    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # (cli restores the handler it found)
+    found = signal.signal(signal.SIGHUP, signal.SIG_DFL)
     seen = []
 
     def interrupted(argv):
@@ -1065,6 +1063,8 @@ def test_ctrl_c_while_starting_is_one_line_and_sighup_is_ignored_from_the_start(
     status, out, err = cli(["--epochs", "1"])
     assert status == 130 and seen == [signal.SIG_IGN]
     one_line_error(err, "error: interrupted outside the training loop")
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL  # main() gives the caller its handler back
+    signal.signal(signal.SIGHUP, found)
 
 
 def test_ctrl_c_while_reading_the_data_is_one_line_and_exit_130(tmp_path, fake_data, cli, monkeypatch):
