@@ -86,28 +86,37 @@ def check_output(parser, args) -> None:
         parser.error(f"{args.out}: cannot write into {folder} ({error.strerror or error}): choose another place")
 
 
+def plot_curve(axis, xs: list, ys: list, *style, **options) -> None:
+    """A line, with a marker on each point that has no finite neighbour (a one-epoch run, a value between NaNs):
+    a line alone would not show it."""
+    finite = [math.isfinite(y) for y in ys]
+    alone = [i for i, ok in enumerate(finite)
+             if ok and not (i > 0 and finite[i - 1]) and not (i + 1 < len(ys) and finite[i + 1])]
+    marks = {"marker": "o", "markevery": alone} if alone else {}  # none in the legend of a plain line
+    axis.plot(xs, ys, *style, **marks, **options)
+
+
 def plot_results(history: list, path: str, compare: tuple | None = None) -> None:
     """Loss (train, test), accuracy (train, test, best epoch marked) and the learning rate, per epoch;
     `compare`: a test-accuracy curve from `read_curve`, dashed, on the accuracy panel."""
     epochs = [row["epoch"] for row in history]
-    marker = "o" if len(history) == 1 else None  # a line through one point draws nothing
     figure, (loss_axis, acc_axis, lr_axis) = plt.subplots(
         1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1, 1, 0.6]})
-    loss_axis.plot(epochs, [r["train_loss"] for r in history], marker=marker, label="train")
-    loss_axis.plot(epochs, [r["test_loss"] for r in history], marker=marker, label="test")
+    plot_curve(loss_axis, epochs, [r["train_loss"] for r in history], label="train")
+    plot_curve(loss_axis, epochs, [r["test_loss"] for r in history], label="test")
     loss_axis.set(title="loss", xlabel="epoch")
-    acc_axis.plot(epochs, [r["train_acc"] for r in history], marker=marker, label="train")
-    acc_axis.plot(epochs, [r["test_acc"] for r in history], marker=marker, label="test")
+    plot_curve(acc_axis, epochs, [r["train_acc"] for r in history], label="train")
+    plot_curve(acc_axis, epochs, [r["test_acc"] for r in history], label="test")
     if compare:
         label, points = compare
-        acc_axis.plot([e for e, _ in points], [a for _, a in points], "--", color="gray", label=f"test, {label}")
+        plot_curve(acc_axis, [e for e, _ in points], [a for _, a in points], "--", color="gray", label=f"test, {label}")
     finite = [r for r in history if math.isfinite(r["test_acc"])]  # a NaN compares as neither more nor less
     if finite:
         best = max(finite, key=lambda r: r["test_acc"])
         acc_axis.scatter([best["epoch"]], [best["test_acc"]], color="red", zorder=3,
                          label=f"best {best['test_acc']:.2f}% (epoch {best['epoch']})")
     acc_axis.set(title="accuracy (%)", xlabel="epoch")
-    lr_axis.plot(epochs, [r["lr"] for r in history], marker=marker, color="gray")
+    plot_curve(lr_axis, epochs, [r["lr"] for r in history], color="gray")
     lr_axis.set(title="learning rate (end of epoch)", xlabel="epoch")
     lr_axis.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
     for axis in (loss_axis, acc_axis):

@@ -842,8 +842,8 @@ class Trainer:
         stored_config = checkpoint.model_config_of(state, self.resume_path)  # defaults for older fields
         refuse_non_cifar_model(stored_config, self.resume_path)
         stored = dataclasses.asdict(stored_config)
-        differing = [f"{k}: checkpoint {stored[k]!r}, flags {v!r}" for k, v in wanted.items()
-                     if k not in COMPUTE_AND_OUTPUT_FLAGS and stored[k] != v]
+        differing = [f"{k}: checkpoint {stored[k]!r}, flags {v!r}" + (" (set by --dataset)" if k == "num_classes" else "")
+                     for k, v in wanted.items() if k not in COMPUTE_AND_OUTPUT_FLAGS and stored[k] != v]
         if differing:
             raise checkpoint.CheckpointError(f"{self.resume_path}: the checkpoint's model differs from the flags ("
                                              + "; ".join(differing)

@@ -43,14 +43,27 @@ def test_a_single_epoch_is_drawn_as_points(tmp_path, monkeypatch):
     monkeypatch.setattr(plots.plt, "close", figures.append)
     plots.plot_results(HISTORY[:1], str(tmp_path / "one.png"))
     plots.plot_results(HISTORY, str(tmp_path / "five.png"))
-    markers = [[line.get_marker() for axis in figure.axes for line in axis.lines] for figure in figures]
+    markers = [[line.get_markevery() for axis in figure.axes for line in axis.lines] for figure in figures]
     ticks = [[[t for t in axis.get_xticks() if axis.get_xlim()[0] <= t <= axis.get_xlim()[1]] for axis in figure.axes]
              for figure in figures]
     for figure in figures:
         close(figure)
-    assert markers == [["o"] * 5, ["None"] * 5]  # train and test loss, train and test accuracy, learning rate
+    assert markers == [[[0]] * 5, [None] * 5]  # train and test loss, train and test accuracy, learning rate
     assert ticks[0] == [[1.0]] * 3  # whole epochs only, not 0.96 ... 1.04
     assert all(float(t).is_integer() for axis in ticks[1] for t in axis)
+
+
+def test_a_value_between_nans_and_a_one_point_comparison_curve_are_marked(tmp_path, monkeypatch):
+    close, figures = plots.plt.close, []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    nan = float("nan")
+    history = [dict(row, test_acc=acc) for row, acc in zip(HISTORY, [10.0, nan, 30.0, nan, 50.0])]
+    plots.plot_results(history, str(tmp_path / "gaps.png"), ("smoke run", [(1, 40.0)]))
+    (figure,) = figures
+    test_acc, compared = figure.axes[1].lines[1], figure.axes[1].lines[2]
+    marked = {line.get_label(): line.get_markevery() for line in (test_acc, compared)}
+    close(figure)
+    assert marked == {"test": [0, 2, 4], "test, smoke run": [0]}
 
 
 def test_the_best_epoch_marked_is_never_a_nan_row(tmp_path, monkeypatch):

@@ -529,7 +529,7 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, signal_data, cli
 @pytest.mark.parametrize("change, fragments", [
     (["--hidden", "64", "--layers", "3"], ["hidden: checkpoint 32, flags 64", "layers: checkpoint 2, flags 3"]),
     (["--dropout", "0.1"], ["dropout: checkpoint 0.0, flags 0.1"]),
-    (["--dataset", "cifar100"], ["num_classes: checkpoint 10, flags 100"]),
+    (["--dataset", "cifar100"], ["num_classes: checkpoint 10, flags 100 (set by --dataset)"]),
 ])
 def test_resume_with_another_model_lists_the_differences_and_keeps_the_run(run_dir, fake_data, tmp_path, cli,
                                                                            no_training, no_data, change, fragments):
