@@ -192,10 +192,10 @@ def _raise_terminated(signum, frame):
 
 
 def main(argv=None) -> int:
-    handled = (signal.SIGTERM, signal.SIGHUP) if hasattr(signal, "SIGHUP") else (signal.SIGTERM,)
-    previous = {signum: signal.getsignal(signum) for signum in handled}
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a closed SSH session must not end a run, from its start
+    sighup = getattr(signal, "SIGHUP", None)  # none on Windows
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, sighup) if signum is not None}
+    if sighup is not None:
+        signal.signal(sighup, signal.SIG_IGN)  # a closed SSH session must not end a run, from its start
     # Not under torchrun: there a SIGTERM outside the epochs is the launcher ending the other ranks after one
     # failed, and a line from each of them would bury the failure's own.
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 import checkpoint
 import data
-from cli import first_line
 import plots
 import visualize
+from cli import first_line
 from models import ViTConfig, VisionTransformer, count_parameters
 
 # Flags that choose how a run computes or reports, not what it trains. Every other flag (a new one too) sets the
@@ -817,8 +817,8 @@ class Trainer:
                                           f"resume from another checkpoint or start a new --out-dir")
 
     def check_recipe_flags(self, state, stopped_mid_epoch: bool):
-        """Flags that differ from the checkpoint's: noted in the log, so a changed recipe is never silent; refused for the
-        batch size and seed of a run stopped mid-epoch, whose remaining steps are slices of that epoch's order."""
+        """Flags that differ from the checkpoint's: noted in the log, so a changed recipe is never silent; refused for
+        the batch size and seed of a run stopped mid-epoch, whose remaining steps are slices of that epoch's order."""
         stored = state.get("config") if isinstance(state.get("config"), dict) else {}
         if not stored:
             return

@@ -135,6 +135,9 @@ def test_timm_init_follows_the_vit_recipe():
     _check_truncated_normal("layer 0 qkv weight", model.layers[0].attn.qkv.weight)
     for module in linears:
         assert torch.equal(module.bias, torch.zeros_like(module.bias))
+    for module in norms:  # left at identity (PyTorch's own LayerNorm init)
+        assert torch.equal(module.weight, torch.ones_like(module.weight))
+        assert torch.equal(module.bias, torch.zeros_like(module.bias))
     _check_truncated_normal("class token", model.class_token)
     _check_truncated_normal("position embedding", model.pos_embed)
 
