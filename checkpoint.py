@@ -208,6 +208,15 @@ def model_config_of(state: dict, path: str) -> ViTConfig:
         raise CheckpointError(f"{path} has an invalid model_config ({error})") from None
 
 
+
+def refuse_non_cifar_model(config: ViTConfig, path: str) -> None:
+    """A checkpoint made for other images (no flag of ours makes one) is refused before the data is read."""
+    cifar = ViTConfig()
+    if (config.image_size, config.in_channels) != (cifar.image_size, cifar.in_channels):
+        raise CheckpointError(f"{path} holds a model for {config.image_size}-pixel images with {config.in_channels} "
+                              f"channels; CIFAR's are {cifar.image_size}-pixel with {cifar.in_channels}: use a "
+                              f"checkpoint trained here")
+
 def load_weights(model, state: dict, path: str) -> None:
     """model.load_state_dict(state["model"]), with a CheckpointError when the weights do not fit."""
     try:

@@ -18,6 +18,10 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from checkpoint import atomic_file, probe_writable  # noqa: E402
 from cli import OneLineErrors, nonempty_path, run_script  # noqa: E402
 
+# The columns of a run's metrics.csv, one row per epoch (the trainer's history rows hold the same keys).
+METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
+                 "images_per_second")
+
 
 def read_numeric_csv(path: str, columns: tuple, what: str) -> list:
     """The rows of a CSV file as {column: float} for `columns` (others ignored); a ValueError that names

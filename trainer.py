@@ -24,23 +24,14 @@ import torch.nn.functional as F
 import checkpoint
 import data
 import plots
+import resume
 import visualize
 from cli import first_line
 from models import ViTConfig, VisionTransformer, count_parameters
 
-# Flags that choose how a run computes or reports, not what it trains. Every other flag (a new one too) sets the
-# run's trajectory, and a resume that changes it says so in the log; a different model shape is refused before
-# (check_resume_config), and the init only acts on a new run's first weights.
-COMPUTE_AND_OUTPUT_FLAGS = ("eval_batch_size", "data_dir", "data_pipeline", "workers", "device", "precision",
-                            "attention", "no_compile", "compile_mode", "init", "out_dir", "save_every",
-                            "write_interval", "compare_curve", "resume", "eval_only", "checkpoint")
-
 # Compile modes that replay CUDA graphs: one process only.
 GRAPHED_MODES = ("reduce-overhead", "whole-step")
 RUN_LOCK = ".run.lock"  # in checkpoints/: one run at a time per --out-dir
-
-METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
-                 "images_per_second")
 
 
 class TrainingStopped(Exception):
@@ -156,15 +147,6 @@ def require_writable(folder: str) -> None:
     except OSError as error:
         raise TrainingStopped(f"cannot write to {folder} ({error.strerror or error}): choose a writable --out-dir",
                               2) from None
-
-
-def refuse_non_cifar_model(config, path: str) -> None:
-    """A checkpoint made for other images (no flag of ours makes one) is refused before the data is read."""
-    cifar = ViTConfig()
-    if (config.image_size, config.in_channels) != (cifar.image_size, cifar.in_channels):
-        raise checkpoint.CheckpointError(f"{path} holds a model for {config.image_size}-pixel images with "
-                                         f"{config.in_channels} channels; CIFAR's are {cifar.image_size}-pixel with "
-                                         f"{cifar.in_channels}: use a checkpoint trained here")
 
 
 def trained_for(state: dict) -> str:
@@ -306,8 +288,7 @@ class Trainer:
         self.checkpoint_dir = os.path.join(self.out_dir, checkpoint.FOLDER)
         self.last_checkpoint = os.path.join(self.checkpoint_dir, "last.pt")
         self.stop_signal = None
-        self.resume_path = None  # the checkpoint a resumed run started from: resume_state
-        self.start_notes = []  # resume_state's log lines, printed once every start-up check has passed
+        self.resume_path = None  # the checkpoint a resumed run started from (resume.find)
         self.run_lock = None  # the open lock file of this run's out-dir (rank 0): prepare_checkpoint_dir
         self.compare_curve = None  # (label, points) for results.png: --compare-curve, read by fit()
 
@@ -452,7 +433,9 @@ class Trainer:
         args = self.args
         if args.compare_curve:  # checked by main.parse_args
             self.compare_curve = plots.read_curve(args.compare_curve)
-        resume_state = self.resume_state()  # checkpoint and out-dir problems show before the data is read
+        # checkpoint and out-dir problems show before the data is read
+        wanted = model_config_from_args(args, data.NUM_CLASSES[args.dataset], self.attention)
+        resume_state, self.resume_path, start_notes = resume.find(args, self.last_checkpoint, wanted)
         if self.is_main:
             self.prepare_checkpoint_dir()
         cifar = data.load_cifar(args.dataset, args.data_dir)
@@ -464,8 +447,9 @@ class Trainer:
         warmup_steps = round(args.warmup_epochs * steps_per_epoch)
         self.history, self.best_acc, self.best_epoch, start_epoch, position = [], 0.0, 0, 1, None
         if resume_state:
-            start_epoch, position = self.restore(resume_state)
-        for note in self.start_notes:  # not before: a refused run must not say it is starting or resuming
+            self.history, self.best_acc, self.best_epoch, start_epoch, position = resume.restore(
+                resume_state, self.resume_path, self.model, self.optimizer, self.rank, self.world, self.device)
+        for note in start_notes:  # not before: a refused run must not say it is starting or resuming
             self.log(note)
         if resume_state and self.is_main:
             self.carry_best_over(resume_state)
@@ -647,10 +631,10 @@ class Trainer:
     def write_metrics(self):
         path = os.path.join(self.out_dir, "metrics.csv")
         with checkpoint.atomic_file(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            writer = csv.DictWriter(f, fieldnames=plots.METRIC_FIELDS)
             writer.writeheader()
             for row in self.history:
-                writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in METRIC_FIELDS})
+                writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in plots.METRIC_FIELDS})
 
     def plot(self):
         plots.plot_results(self.history, os.path.join(self.out_dir, "results.png"), self.compare_curve)
@@ -710,73 +694,6 @@ class Trainer:
         checkpoint.remove_leftovers(self.checkpoint_dir)
         checkpoint.remove_leftovers(self.out_dir, ("metrics.csv", "results.png", *visualize.REPORT_FILES))
 
-    def resume_state(self):
-        """The checkpoint to continue, or None for a new run; refuses to overwrite an earlier run's files."""
-        earlier = next((f for f in (self.last_checkpoint, os.path.join(self.out_dir, "metrics.csv"))
-                        if os.path.isfile(f)), None)
-        path = self.resume_path_or_none(earlier)
-        if path is None:
-            return None
-        best = os.path.join(self.checkpoint_dir, "best.pt")
-        state = checkpoint.load(path, another=(
-            f"go on from an earlier checkpoint in a new folder: --resume {best} --out-dir NEW_FOLDER"
-            if path == self.last_checkpoint and os.path.isfile(best) else
-            "resume from another checkpoint, or start a new run"))
-        self.resume_path = path
-        for key in ("optimizer", "scheduler", "history", "rng", "epoch"):
-            if key not in state:
-                raise checkpoint.CheckpointError(f"{path} holds a model but no training state ({key!r} missing): "
-                                                 f"it can be evaluated (--eval-only) but not resumed")
-        self.refuse_overwriting(path, earlier)
-        try:
-            position = state["scheduler"]["position"]
-            stopped = f", stopped at step {int(position['step'])} of the next" if position is not None else ""
-            reached = int(state["epoch"]) + (position is not None)  # the epoch it finished, or stopped in
-        except (KeyError, TypeError, ValueError, IndexError) as error:
-            raise self.malformed_state_error(error) from None
-        if self.args.epochs < reached:  # nothing to train, and a mid-epoch stop's report would be of other weights
-            raise checkpoint.CheckpointError(f"{path} has reached epoch {reached} (epoch {state['epoch']} done"
-                                             f"{stopped}), beyond --epochs {self.args.epochs}: resume with --epochs "
-                                             f"{reached} or more")
-        self.check_resume_config(state, data.NUM_CLASSES[self.args.dataset])
-        self.start_notes.append(f"resuming from {path} (epoch {state['epoch']} done{stopped})")
-        self.check_recipe_flags(state, stopped_mid_epoch=position is not None)
-        return state
-
-    def resume_path_or_none(self, earlier):
-        """--resume's checkpoint (auto: this out-dir's last.pt), or None for a new run, which is refused where
-        `earlier` (this out-dir's last.pt or metrics.csv) would be overwritten."""
-        path, last = self.args.resume, self.last_checkpoint
-        if path == "auto" and earlier == last:
-            return last
-        if path and path != "auto":
-            return path
-        if earlier == last:
-            raise TrainingStopped(f"{last} holds an earlier run: continue it with --resume auto, or start a new "
-                                  f"run in another --out-dir (or move that folder away)", 2)
-        if earlier:  # metrics.csv without the checkpoint that could continue it
-            raise TrainingStopped(f"{earlier} holds an earlier run, and there is no {last} to continue it from: "
-                                  f"start the new run in another --out-dir (or move that file away)", 2)
-        if path == "auto":
-            self.start_notes.append(f"--resume auto: no {last}, starting a new run")
-        return None
-
-    def refuse_overwriting(self, path, earlier):
-        """--resume PATH into an out-dir whose files (`earlier`) belong to another run: an older checkpoint
-        must not overwrite a newer run."""
-        last = self.last_checkpoint
-        if not earlier or (earlier == last and os.path.samefile(path, last)):
-            return
-        or_continue = ""
-        if earlier == last:
-            try:
-                checkpoint.load(last)
-                or_continue = ", or continue that run with --resume auto"
-            except checkpoint.CheckpointError:  # the run cannot be continued: a new folder is the only way on
-                or_continue = " (its last.pt cannot be read, so that run cannot be continued)"
-        raise checkpoint.CheckpointError(f"--resume {path} would overwrite the run in {self.out_dir} (its "
-                                         f"{earlier}): resume into another --out-dir{or_continue}")
-
     def carry_best_over(self, state):
         """A resume into an out-dir without best.pt (a new one): the run's best model is saved there at the start
         when the checkpoint holds it (saved at the end of its best epoch) or a best.pt beside it does. Otherwise
@@ -784,110 +701,13 @@ class Trainer:
         best.pt: a metrics.csv without last.pt would make the folder refuse both a retry and --resume auto.)"""
         if self.best_epoch == 0 or os.path.isfile(os.path.join(self.checkpoint_dir, "best.pt")):
             return
-        best = self.best_model_at_hand(state)
+        best = resume.best_model_at_hand(state, self.resume_path, self.best_epoch, self.best_acc)
         if best is not None:
             self.save(best, "best.pt")
         else:
             self.log(f"note: the best model so far (epoch {self.best_epoch}, {self.best_acc:.2f}%) is neither "
                      f"{self.resume_path} nor a best.pt beside it: this folder's best.pt will be the first epoch "
                      f"that beats it")
-
-    def best_model_at_hand(self, state):
-        """The resumed checkpoint if it was saved at the end of the run's best epoch, else the best.pt beside it
-        if that one was; else None."""
-        def is_the_best(candidate):
-            try:
-                return (candidate["epoch"] == self.best_epoch and candidate["best_acc"] == self.best_acc
-                        and candidate["scheduler"]["position"] is None)
-            except (KeyError, TypeError):
-                return False
-
-        if is_the_best(state):
-            return state
-        beside = os.path.join(os.path.dirname(os.path.abspath(self.resume_path)), "best.pt")
-        try:
-            candidate = checkpoint.load(beside) if os.path.isfile(beside) else None
-        except checkpoint.CheckpointError:
-            return None
-        return candidate if is_the_best(candidate) else None  # is_the_best(None) is False
-
-    def malformed_state_error(self, error):
-        return checkpoint.CheckpointError(f"{self.resume_path} has a malformed training state ({type(error).__name__}: "
-                                          f"{first_line(error)}): "
-                                          f"resume from another checkpoint or start a new --out-dir")
-
-    def check_recipe_flags(self, state, stopped_mid_epoch: bool):
-        """Flags that differ from the checkpoint's: noted in the log, so a changed recipe is never silent; refused for
-        the batch size and seed of a run stopped mid-epoch, whose remaining steps are slices of that epoch's order."""
-        stored = state.get("config") if isinstance(state.get("config"), dict) else {}
-        if not stored:
-            return
-        import main  # the flags' defaults: a flag missing from an older checkpoint did not exist yet, so its default held
-        defaults = main.build_parser()
-        # the torchvision pipeline's DataLoader workers each draw their own augmentation stream
-        ignored = set(COMPUTE_AND_OUTPUT_FLAGS) - ({"workers"} if self.args.data_pipeline == "torchvision" else set())
-        then = {k: stored.get(k, defaults.get_default(k)) for k in vars(self.args) if k not in ignored}
-        changed = [k for k in then if then[k] != getattr(self.args, k)]
-        describe = "; ".join(f"--{k.replace('_', '-')} {then[k]} in the checkpoint, {getattr(self.args, k)} now"
-                             for k in changed)
-        if stopped_mid_epoch and {"batch_size", "seed"} & set(changed):
-            raise checkpoint.CheckpointError(f"{self.resume_path} stopped in the middle of an epoch, "
-                                             f"whose remaining steps depend on --batch-size and --seed ({describe}): "
-                                             f"resume with the checkpoint's values or start a new --out-dir")
-        if changed:
-            self.start_notes.append(f"note: resuming with changed flags ({describe}); the run goes on with the new values")
-
-    def check_resume_config(self, state, num_classes):
-        wanted = dataclasses.asdict(model_config_from_args(self.args, num_classes, self.attention))
-        stored_config = checkpoint.model_config_of(state, self.resume_path)  # defaults for older fields
-        refuse_non_cifar_model(stored_config, self.resume_path)
-        stored = dataclasses.asdict(stored_config)
-        differing = [f"{k}: checkpoint {stored[k]!r}, flags {v!r}" + (" (set by --dataset)" if k == "num_classes" else "")
-                     for k, v in wanted.items() if k not in COMPUTE_AND_OUTPUT_FLAGS and stored[k] != v]
-        if differing:
-            raise checkpoint.CheckpointError(f"{self.resume_path}: the checkpoint's model differs from the flags ("
-                                             + "; ".join(differing)
-                                             + "): resume with the original flags or start a new --out-dir")
-
-    def restore(self, state):
-        checkpoint.load_weights(self.model, state, self.resume_path)
-        try:
-            self.load_optimizer_state(state["optimizer"])
-            self.history = list(state["history"])
-            if not all(isinstance(row, dict) and all(isinstance(row.get(k), (int, float)) for k in METRIC_FIELDS)
-                       for row in self.history):
-                raise ValueError("a history row lacks a metrics.csv field or holds a non-number")
-            self.best_acc, self.best_epoch = state["best_acc"], state["best_epoch"]
-            if not isinstance(self.best_acc, (int, float)) or not isinstance(self.best_epoch, int):
-                raise ValueError("best_acc or best_epoch is not a number")
-            by_rank = state["rng"].get("by_rank")  # as many ranks: each takes its own, else all take rank 0's
-            rng = (by_rank[self.rank if len(by_rank) == self.world else 0] if by_rank is not None
-                   else state["rng"])
-            torch.set_rng_state(rng["torch"])
-            if self.use_cuda and "cuda" in rng:
-                torch.cuda.set_rng_state(rng["cuda"], self.device)
-            position = state["scheduler"]["position"]
-            if position is not None:
-                if not isinstance(position["sums"], torch.Tensor) or position["sums"].shape != (3,):
-                    raise ValueError("scheduler.position.sums is not a tensor of 3 running sums")
-                float(position["seconds"]), int(position["step"])  # noqa: B018 - present and numbers
-                return int(position["epoch"]), position
-            return int(state["epoch"]) + 1, None
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
-            raise self.malformed_state_error(error) from None
-
-    def load_optimizer_state(self, saved):
-        """The checkpoint's optimizer state (step counts and moments) with every setting of this run's optimizer:
-        load_state_dict would take the settings from the checkpoint too, so a resume with a new --weight-decay,
-        --beta1/--beta2 or --optimizer (Adam's L2 or AdamW's decoupled decay) would keep the old ones, and a run
-        saved on a CPU would resume on a GPU unfused, its step counts on the CPU, where a captured Adam step
-        cannot read them."""
-        ours = self.optimizer.param_groups
-        if len(saved["param_groups"]) != len(ours):  # zip below would drop the extra ones
-            raise ValueError("optimizer state with another number of parameter groups")
-        groups = [{**{key: value for key, value in own.items() if key != "params"}, "params": group["params"]}
-                  for group, own in zip(saved["param_groups"], ours)]
-        self.optimizer.load_state_dict({**saved, "param_groups": groups})
 
     # ------------------------------------------------------------------------------------ signals
 
@@ -935,7 +755,7 @@ class Trainer:
         args = self.args
         self.model, state = checkpoint.load_model(args.checkpoint, attention=self.attention)  # before the data
         config = self.model.config
-        refuse_non_cifar_model(config, args.checkpoint)
+        checkpoint.refuse_non_cifar_model(config, args.checkpoint)
         if config.num_classes != data.NUM_CLASSES[args.dataset]:
             raise checkpoint.CheckpointError(f"{args.checkpoint} predicts {config.num_classes} classes but {args.dataset} "
                                              f"has {data.NUM_CLASSES[args.dataset]}: pass the --dataset it was trained on")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import checkpoint
 import data
 import main
+import resume
 import trainer
 from conftest import TINY_MODEL
 from models import ViTConfig, count_parameters
@@ -92,35 +93,30 @@ def test_a_resume_names_every_changed_training_flag_a_new_one_too():
     """Every flag but those that choose how to compute or report is compared with the checkpoint's; a flag the
     checkpoint does not know (it is older than the flag) is compared with the flag's default."""
     args = main.parse_args(["--device", "cpu", "--lr", "2e-3"])
-    assert set(trainer.COMPUTE_AND_OUTPUT_FLAGS) <= set(vars(args))  # no misspelt entry
-    runner = trainer.Trainer(args)
-    runner.resume_path = "last.pt"
+    assert set(resume.COMPUTE_AND_OUTPUT_FLAGS) <= set(vars(args))  # no misspelt entry
     stored = {k: v for k, v in vars(args).items() if k != "lr"}  # saved before --lr existed: its default held
-    stored.update({flag: f"other {flag}" for flag in trainer.COMPUTE_AND_OUTPUT_FLAGS})  # silent, all of them
+    stored.update({flag: f"other {flag}" for flag in resume.COMPUTE_AND_OUTPUT_FLAGS})  # silent, all of them
     args.no_autoaugment, stored["no_autoaugment"] = True, False  # as if a researcher had added --no-autoaugment
-    runner.check_recipe_flags({"config": stored}, stopped_mid_epoch=False)
-    assert runner.start_notes == ["note: resuming with changed flags (--lr 0.001 in the checkpoint, 0.002 now; "
-                                  "--no-autoaugment False in the checkpoint, True now); the run goes on with "
-                                  "the new values"]
+    notes = resume.changed_flags_note({"config": stored}, "last.pt", args, stopped_mid_epoch=False)
+    assert notes == ["note: resuming with changed flags (--lr 0.001 in the checkpoint, 0.002 now; "
+                     "--no-autoaugment False in the checkpoint, True now); the run goes on with the new values"]
+    assert resume.changed_flags_note({"config": vars(args)}, "last.pt", args, stopped_mid_epoch=False) == []
 
 
 @pytest.mark.parametrize("pipeline, named", [("torchvision", True), ("device", False)])
 def test_a_resume_names_changed_workers_where_they_change_the_augmentation(pipeline, named):
     """The torchvision pipeline's workers each draw their own augmentation stream; the device pipeline has none."""
     args = main.parse_args(["--device", "cpu", "--data-pipeline", pipeline, "--workers", "3"])
-    runner = trainer.Trainer(args)
-    runner.resume_path = "last.pt"
-    runner.check_recipe_flags({"config": {**vars(args), "workers": 1}}, stopped_mid_epoch=False)
-    assert ("--workers 1 in the checkpoint, 3 now" in " ".join(runner.start_notes)) == named
+    notes = resume.changed_flags_note({"config": {**vars(args), "workers": 1}}, "last.pt", args, stopped_mid_epoch=False)
+    assert ("--workers 1 in the checkpoint, 3 now" in " ".join(notes)) == named
 
 
 def test_a_resume_compares_the_model_with_an_older_checkpoints_defaults():
     """A model field the checkpoint does not know had its default then: --no-mlp-final-gelu differs from it."""
-    runner = trainer.Trainer(main.parse_args(["--device", "cpu", "--no-mlp-final-gelu", *TINY_MODEL]))
-    runner.resume_path = "old.pt"
+    wanted = trainer.model_config_from_args(main.parse_args(["--no-mlp-final-gelu", *TINY_MODEL]), 10, "math")
     saved = dataclasses.asdict(trainer.model_config_from_args(main.parse_args(TINY_MODEL), 10, "math"))
     del saved["mlp_final_gelu"]
     with pytest.raises(checkpoint.CheckpointError, match="mlp_final_gelu: checkpoint True, flags False"):
-        runner.check_resume_config({"model_config": saved}, 10)
+        resume.check_model({"model_config": saved}, "old.pt", wanted)
     saved["mlp_final_gelu"] = False
-    runner.check_resume_config({"model_config": saved}, 10)  # the same model: no error
+    resume.check_model({"model_config": saved}, "old.pt", wanted)  # the same model: no error

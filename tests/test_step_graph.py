@@ -7,6 +7,7 @@ import torch
 
 import data
 import main
+import resume
 import trainer
 from conftest import TINY_MODEL, relative_error
 
@@ -98,7 +99,7 @@ def test_a_resumed_optimizer_keeps_this_runs_settings_and_the_checkpoints_moment
         return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
 
     expected = settings(target.optimizer)
-    target.load_optimizer_state(saved)
+    resume.load_optimizer_state(target.optimizer, saved)
     loaded = settings(target.optimizer)
     assert loaded == expected
     assert [(group["weight_decay"], group["betas"], group["fused"]) for group in loaded] == [(0.0, (0.8, 0.999), False)]
