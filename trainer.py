@@ -616,12 +616,21 @@ class Trainer:
             self.save(pending, "best.pt")
 
     def flush_deferred_outputs(self):
-        """When a run stops early: best.pt of an improvement made since the last write, and results.png.
-        Errors here are dropped: the error that stopped the run is the one to report."""
+        """When a run stops on an error (non-finite values, a failed write): results.png, and the best model of an
+        improvement made since the last write, as best_epoch_N.pt. Not as best.pt: last.pt, which a resume goes on
+        from, could not be written and names the best.pt of its own epochs. (A signal's stop saves last.pt, and
+        the pending best.pt before it.) Errors here are dropped: the error that stopped the run is the one to
+        report."""
         if not self.is_main:
             return
         try:
-            self.save_pending_best()
+            if self.pending_best is not None:
+                pending, self.pending_best = self.pending_best, None
+                name = f"best_epoch_{pending['epoch']}.pt"
+                self.save(pending, name)
+                self.log(f"saved {os.path.join(self.checkpoint_dir, name)}: the best model since the last checkpoint "
+                         f"(epoch {pending['epoch']}, {pending['best_acc']:.2f}%), apart from best.pt, which stays "
+                         f"the best of the epochs that {self.last_checkpoint} holds")
             self.write_outputs(metrics=False, plot=bool(self.history))
         except TrainingStopped:
             pass
