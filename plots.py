@@ -25,10 +25,12 @@ METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_ac
 
 def read_numeric_csv(path: str, columns: tuple, what: str) -> list:
     """The rows of a CSV file as {column: float} for `columns` (others ignored); a ValueError that names
-    the file and says what it should be when it cannot be read, lacks a column or holds no rows."""
+    the file and says what it should be when it cannot be read, lacks a column or holds no rows. A spreadsheet's
+    byte-order mark and spaces after the commas are allowed."""
     try:
-        with open(path, newline="") as f:
-            rows = [{column: float(row[column]) for column in columns} for row in csv.DictReader(f)]
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [{column: float(row[column]) for column in columns}
+                    for row in csv.DictReader(f, skipinitialspace=True)]
     except OSError as error:
         raise ValueError(f"{path}: cannot read it ({error.strerror or error})") from None
     except (KeyError, TypeError, ValueError, csv.Error):
@@ -41,14 +43,16 @@ def read_numeric_csv(path: str, columns: tuple, what: str) -> list:
 def read_curve(path: str) -> tuple:
     """(label, [(epoch, test accuracy %)]) from a CSV with `epoch` and `test_acc` columns, such as
     reference/seed-test-curve.csv (the reference project's run) or another run's metrics.csv."""
-    rows = whole_epochs(path, read_numeric_csv(path, ("epoch", "test_acc"), "a test-accuracy curve"))
+    rows = percentages(path, whole_epochs(path, read_numeric_csv(path, ("epoch", "test_acc"), "a test-accuracy curve")),
+                       ("test_acc",))
     return os.path.basename(path), [(row["epoch"], row["test_acc"]) for row in rows]
 
 
 def read_history(path: str) -> list:
     """The rows of a run's metrics.csv, as the trainer keeps them."""
-    return whole_epochs(path, read_numeric_csv(path, ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"),
+    rows = whole_epochs(path, read_numeric_csv(path, ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"),
                                                "a metrics.csv"))
+    return percentages(path, rows, ("train_acc", "test_acc"))
 
 
 def whole_epochs(path: str, rows: list) -> list:
@@ -56,6 +60,17 @@ def whole_epochs(path: str, rows: list) -> list:
     if not all(math.isfinite(row["epoch"]) and row["epoch"] == int(row["epoch"]) >= 1 for row in rows):
         raise ValueError(f"{path}: its epochs must be whole numbers from 1 on")
     return [{**row, "epoch": int(row["epoch"])} for row in rows]
+
+
+def percentages(path: str, rows: list, columns: tuple) -> list:
+    """The rows, once every value of `columns` is a percentage from 0 to 100 (or NaN: a gap in the curve); an
+    accuracy of 1e308 would pass as a number and then break the drawing."""
+    for number, row in enumerate(rows, start=1):
+        for column in columns:
+            if not (math.isnan(row[column]) or 0.0 <= row[column] <= 100.0):
+                raise ValueError(f"{path}: {column} must be a percentage from 0 to 100, row {number} holds "
+                                 f"{row[column]:g}")
+    return rows
 
 
 IMAGE_FORMATS = ("png", "pdf", "svg")

@@ -291,6 +291,7 @@ class Trainer:
         self.resume_path = None  # the checkpoint a resumed run started from (resume.find)
         self.run_lock = None  # the open lock file of this run's out-dir (rank 0): prepare_checkpoint_dir
         self.compare_curve = None  # (label, points) for results.png: --compare-curve, read by fit()
+        self.plot_failed = False  # results.png could not be drawn once: warned, not again
 
     def warn_if_on_cpu(self) -> None:
         """Said once the checks have passed, just before the work, so that an error stays the only line."""
@@ -646,7 +647,17 @@ class Trainer:
                 writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in plots.METRIC_FIELDS})
 
     def plot(self):
-        plots.plot_results(self.history, os.path.join(self.out_dir, "results.png"), self.compare_curve)
+        """results.png. A drawing that fails for another reason than the disk (OSError: write_outputs stops the
+        run) is warned about once and skipped: the numbers are in metrics.csv, and the run goes on."""
+        try:
+            plots.plot_results(self.history, os.path.join(self.out_dir, "results.png"), self.compare_curve)
+        except OSError:
+            raise
+        except Exception as error:
+            if not self.plot_failed:
+                print(f"warning: could not draw results.png ({type(error).__name__}: {first_line(error)}): training "
+                      f"goes on without it; redraw it later with plots.py", file=sys.stderr, flush=True)
+            self.plot_failed = True
 
     def write_report(self, cifar, predictions=None, suffix=""):
         """attention.png, confusion.png, per_class.csv (named with `suffix`, see visualize) and the per-class

@@ -1,6 +1,7 @@
 """results.png with a comparison curve (--compare-curve); the one-line errors for a bad curve file, and for an output
 that would replace another file."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -81,7 +82,10 @@ def test_the_best_epoch_marked_is_never_a_nan_row(tmp_path, monkeypatch):
                                            ("epoch,acc\n1,50\n", "not a test-accuracy curve"),
                                            ("epoch,test_acc\n1,high\n", "numeric columns epoch, test_acc"),
                                            *[(f"epoch,test_acc\n1,10\n{epoch},20\n", "whole numbers from 1 on")
-                                             for epoch in ("inf", "nan", "1.5", "0")]])
+                                             for epoch in ("inf", "nan", "1.5", "0")],
+                                           *[(f"epoch,test_acc\n1,10\n2,{acc}\n",
+                                              re.escape(f"test_acc must be a percentage from 0 to 100, row 2 holds {acc}"))
+                                             for acc in ("1e+308", "-1", "inf", "100.5")]])
 def test_a_bad_curve_file_is_named_with_its_problem(tmp_path, text, problem):
     path = tmp_path / "curve.csv"
     path.write_text(text)
@@ -89,6 +93,39 @@ def test_a_bad_curve_file_is_named_with_its_problem(tmp_path, text, problem):
         plots.read_curve(str(path))
     assert str(error.value).startswith(f"{path}: ")
 
+
+
+def test_a_spreadsheets_curve_is_read_with_its_byte_order_mark_and_spaces(tmp_path):
+    """Excel's "CSV UTF-8" starts with a byte-order mark; hand-written files often have spaces after commas."""
+    path = tmp_path / "curve.csv"
+    path.write_bytes(b"\xef\xbb\xbfepoch, test_acc\n1, 30.5\n2,nan\n")
+    label, points = plots.read_curve(str(path))
+    assert points[0] == (1, 30.5) and points[1][0] == 2 and points[1][1] != points[1][1]  # a NaN gap is kept
+
+
+def test_a_metrics_file_with_an_accuracy_beyond_100_is_one_line(tmp_path, capsys):
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text(METRICS.replace("34.6", "1e308"))
+    assert plots.main([str(metrics), str(tmp_path / "out.png")]) == 2
+    assert capsys.readouterr().err == f"error: {metrics}: train_acc must be a percentage from 0 to 100, row 2 holds 1e+308\n"
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_a_drawing_that_fails_warns_once_and_the_run_goes_on(fake_cifar10, tmp_path, monkeypatch, capsys):
+    """Not the disk (that stops the run): a drawing error loses only the picture, never the run or its files."""
+    import main
+
+    def broken(history, path, compare=None):
+        raise ValueError("arange: cannot compute length\nmore")
+    monkeypatch.setattr(plots, "plot_results", broken)
+    assert main.main(["--data-dir", fake_cifar10, "--out-dir", str(tmp_path), "--epochs", "2", "--warmup-epochs", "0",
+                      "--batch-size", "40", "--device", "cpu", "--write-interval", "0", *TINY_MODEL]) == 0
+    err = capsys.readouterr().err
+    assert err.count("warning: could not draw results.png (ValueError: arange: cannot compute length): training "
+                     "goes on without it; redraw it later with plots.py\n") == 1
+    assert "Traceback" not in err and not (tmp_path / "results.png").exists()
+    assert [row["epoch"] for row in plots.read_history(str(tmp_path / "metrics.csv"))] == [1, 2]
+    assert os.path.isfile(tmp_path / "checkpoints" / "last.pt")
 
 def test_a_run_draws_its_compare_curve_into_results_png(fake_cifar10, tmp_path, monkeypatch):
     import main
