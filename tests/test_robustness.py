@@ -13,7 +13,6 @@ Most cases call main.main() in this process (fast); the signal tests run main.py
 import contextlib
 import errno
 import hashlib
-import math
 import io
 import os
 import pickle
@@ -345,30 +344,6 @@ def test_last_pt_never_names_a_best_model_that_best_pt_lacks(tmp_path, fake_data
     assert status == (128 + signal.SIGTERM if signal_at else 0), err
     assert torch.load(out_dir / "checkpoints" / "best.pt", weights_only=True)["epoch"] == (2 if signal_at else 3)
     assert stale == []
-
-
-
-def test_an_error_stop_keeps_the_unsaved_best_apart_from_the_best_pt_that_last_pt_names(tmp_path, fake_data, cli,
-                                                                                        monkeypatch):
-    """Every epoch improves; with a long --write-interval epoch 2's best waits in memory, and epoch 3's test loss
-    is NaN. last.pt (epoch 1) cannot be written past that point, so the waiting best goes to best_epoch_2.pt and
-    best.pt stays epoch 1's, the best that last.pt names."""
-    out_dir = tmp_path / "run"
-    real_evaluate = trainer.Trainer.evaluate
-
-    def rising_then_nan(self, images, labels, **kwargs):
-        loss, _, predictions = real_evaluate(self, images, labels, **kwargs)
-        epoch = len(self.history) + 1
-        return (math.nan if epoch == 3 else loss), 10.0 * epoch, predictions
-    monkeypatch.setattr(trainer.Trainer, "evaluate", rising_then_nan)
-    status, out, err = cli(train_args(fake_data, out_dir, "--write-interval", "1000", epochs=3))
-    assert status == 1
-    one_line_error(err, "non-finite test loss after the update at epoch 3")
-    folder = out_dir / "checkpoints"
-    last, best, aside = (torch.load(folder / name, weights_only=True) for name in ("last.pt", "best.pt", "best_epoch_2.pt"))
-    assert (last["epoch"], last["best_epoch"], best["epoch"]) == (1, 1, 1)
-    assert (aside["epoch"], aside["best_acc"]) == (2, 20.0)
-    assert f"saved {folder / 'best_epoch_2.pt'}: the best model since the last checkpoint (epoch 2, 20.00%)" in out
 
 
 def test_a_checkpoint_stopped_mid_epoch_says_so_and_needs_its_epoch(tmp_path, fake_data, cli, monkeypatch):

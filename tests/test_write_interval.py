@@ -73,11 +73,19 @@ def test_zero_interval_writes_every_epoch(fake_cifar10, tmp_path, recorded, monk
     assert plotted == [1, 2, 3, 4]
 
 
-def test_a_stopped_run_still_writes_its_deferred_best(fake_cifar10, tmp_path, recorded, monkeypatch, capsys):
+def test_an_error_stop_keeps_its_deferred_best_apart_from_the_best_pt_that_last_pt_names(fake_cifar10, tmp_path, recorded,
+                                                                                          monkeypatch, capsys):
+    """Epoch 2's improvement waits in memory; epoch 3's test loss is NaN, so last.pt stays at epoch 1, which names
+    epoch 1's best.pt: the waiting best goes to best_epoch_2.pt, and best.pt stays the one a resume goes on with."""
     saves, plotted = recorded
     scripted_accuracies(monkeypatch, [10.0, 30.0, float("nan")])
-    assert run(fake_cifar10, tmp_path, "--write-interval", "1000") != 0
-    assert "non-finite test loss" in capsys.readouterr().err
-    assert saves == [("best.pt", 1), ("last.pt", 1), ("best.pt", 2)]  # last.pt stays at the last good write
+    assert run(fake_cifar10, tmp_path, "--write-interval", "1000") == 1
+    out, err = capsys.readouterr()
+    assert "non-finite test loss after the update at epoch 3" in err
+    folder = tmp_path / "checkpoints"
+    assert f"saved {folder / 'best_epoch_2.pt'}: the best model since the last checkpoint (epoch 2, 30.00%)" in out
+    assert saves == [("best.pt", 1), ("last.pt", 1), ("best_epoch_2.pt", 2)]
     assert plotted == [1, 2]
-    assert checkpoint.load(str(tmp_path / "checkpoints" / "best.pt"))["epoch"] == 2
+    last, best, aside = (checkpoint.load(str(folder / name)) for name in ("last.pt", "best.pt", "best_epoch_2.pt"))
+    assert (last["epoch"], last["best_epoch"], best["epoch"]) == (1, 1, 1)
+    assert (aside["epoch"], aside["best_acc"]) == (2, 30.0)
