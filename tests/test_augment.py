@@ -284,11 +284,16 @@ def test_autoaugment_applies_each_samples_draws():
 
 
 def test_train_augment_is_crop_flip_then_autoaugment():
+    """The recipe's values written out: 4-pixel padding, grey fill 128; and a fill passed in reaches the warps."""
     images = IMAGES[:100]
     g = torch.Generator().manual_seed(9)
-    expected = autoaugment_cifar10(random_crop_flip(images, generator=g), generator=g)
+    expected = autoaugment_cifar10(random_crop_flip(images, padding=4, generator=g), fill=128, generator=g)
     output = train_augment(images, generator=torch.Generator().manual_seed(9))
     assert torch.equal(output, expected)
+    g = torch.Generator().manual_seed(9)
+    dark = train_augment(images, generator=torch.Generator().manual_seed(9), fill=37)
+    assert torch.equal(dark, autoaugment_cifar10(random_crop_flip(images, padding=4, generator=g), fill=37, generator=g))
+    assert not torch.equal(dark, output)  # some of the 100 images were rotated, sheared or translated
     assert torch.equal(images, IMAGES[:100])
     assert output.dtype == torch.uint8 and output.shape == images.shape
 

@@ -239,7 +239,9 @@ def test_torchvision_transform_and_normalize_match_torchvision():
     assert augmented.shape == (3, 32, 32) and augmented.dtype == torch.uint8
     normalized = data.normalize(augmented[None])[0]
     assert normalized.dtype == torch.float32 and normalized.shape == (3, 32, 32)
-    reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize(data.MEAN, data.STD)])
+    recipe_mean, recipe_std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)  # the reference's, written out
+    assert (data.MEAN, data.STD) == (recipe_mean, recipe_std)
+    reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize(recipe_mean, recipe_std)])
     # normalize on the raw image and on the augmented one, against ToTensor + Normalize of the same pixels
     torch.testing.assert_close(data.normalize(transforms.PILToTensor()(image)[None])[0], reference(image),
                                rtol=0, atol=1e-6)
@@ -343,6 +345,11 @@ def test_device_train_loader_augments_deterministically_per_seed_and_epoch():
     generator = torch.Generator().manual_seed(data.epoch_seed(0, 1, rank=0))
     expected = torch.cat([augment.train_augment(part, generator=generator, fill=128) for part in images[y].split(7)])
     assert torch.equal(x, expected)
+    # rank 1 of 2 augments its own share with its own stream, not rank 0's
+    shard = list(data.DeviceTrainLoader(images, labels, 8, seed=0, device="cpu", chunk=7, rank=1, world=2).epoch(1))
+    x1, y1 = torch.cat([x for x, _ in shard]), torch.cat([y for _, y in shard])
+    generator = torch.Generator().manual_seed(data.epoch_seed(0, 1, rank=1))
+    assert torch.equal(x1, torch.cat([augment.train_augment(part, generator=generator) for part in images[y1].split(7)]))
 
 
 @pytest.mark.parametrize("workers", [0, 2])

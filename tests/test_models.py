@@ -168,6 +168,7 @@ def test_default_init_is_the_references_linear_defaults_and_unit_normal_embeddin
     (dict(mlp_hidden=-1), ["mlp_hidden", "positive integer"]),
     (dict(attention="flash"), ["attention must be one of", "'flash'"]),
     (dict(dropout=1.0), ["dropout"]),
+    (dict(dropout=-0.1), ["dropout must be in [0, 1)", "-0.1"]),
 ])
 def test_bad_config_raises_a_clear_value_error(fields, words):
     with pytest.raises(ValueError) as info:
@@ -176,6 +177,37 @@ def test_bad_config_raises_a_clear_value_error(fields, words):
     assert "\n" not in message
     for word in words:
         assert word in message, f"{word!r} not in {message!r}"
+
+
+@pytest.mark.parametrize("attention", ["math", "sdpa"])
+def test_dropout_acts_at_every_site_in_training_and_nowhere_in_evaluation(attention, monkeypatch):
+    """--dropout acts after the embeddings, on the attention weights, after the attention's projection, and after
+    each MLP linear: 4 per layer + 1 calls of F.dropout (the sdpa path passes the attention weights' share to the
+    fused kernel as dropout_p). In eval mode every site is off, so two forward passes agree."""
+    import models
+    config = dataclasses.replace(SMALL, dropout=0.5, attention=attention)
+    model, images = VisionTransformer(config), random_images(3)
+    rates, sdpa_rates = [], []
+    dropout, sdpa = models.F.dropout, models.F.scaled_dot_product_attention
+
+    def counted_dropout(x, p=0.5, training=True, *args, **kwargs):
+        rates.append(p if training else 0.0)
+        return dropout(x, p, training, *args, **kwargs)
+
+    def counted_sdpa(*args, dropout_p=0.0, **kwargs):
+        sdpa_rates.append(dropout_p)
+        return sdpa(*args, dropout_p=dropout_p, **kwargs)
+    monkeypatch.setattr(models.F, "dropout", counted_dropout)
+    monkeypatch.setattr(models.F, "scaled_dot_product_attention", counted_sdpa)
+    model.train()
+    model(images)
+    in_kernel = config.layers if attention == "sdpa" else 0
+    assert rates == [0.5] * (4 * config.layers + 1 - in_kernel) and sdpa_rates == [0.5] * in_kernel
+    rates.clear(), sdpa_rates.clear()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(images), model(images))
+    assert set(rates) <= {0.0} and set(sdpa_rates) <= {0.0}
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 28, 28), (2, 1, 32, 32), (2, 3, 32, 16), (3, 32, 32)])
