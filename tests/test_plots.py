@@ -192,7 +192,21 @@ def test_an_output_that_would_replace_another_file_is_refused(tmp_path, monkeypa
     assert {name: (tmp_path / name).read_bytes() for name in files} == files
 
 
-@pytest.mark.parametrize("name, start", [("plot.svg", b"<?xml"), ("plot.pdf", b"%PDF"), ("plot.png", b"\x89PNG")])
+def test_each_panel_draws_its_own_columns(tmp_path, monkeypatch):
+    close, figures = plots.plt.close, []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    history = [dict(row, lr=1e-3 / row["epoch"]) for row in HISTORY]
+    plots.plot_results(history, str(tmp_path / "columns.png"))
+    (figure,) = figures
+    drawn = [[list(line.get_ydata()) for line in axis.lines] for axis in figure.axes]
+    close(figure)
+    column = {name: [row[name] for row in history] for name in history[0]}
+    assert drawn == [[column["train_loss"], column["test_loss"]], [column["train_acc"], column["test_acc"]],
+                     [column["lr"]]]
+
+
+@pytest.mark.parametrize("name, start", [("plot.svg", b"<?xml"), ("plot.pdf", b"%PDF"), ("plot.png", b"\x89PNG"),
+                                         ("plot.PNG", b"\x89PNG")])
 def test_the_output_is_written_in_the_format_its_name_asks_for(tmp_path, name, start):
     (tmp_path / "metrics.csv").write_text(METRICS)
     assert plots.main([str(tmp_path / "metrics.csv"), str(tmp_path / name)]) == 0

@@ -3,6 +3,7 @@ the model, the data pipeline and the learning rate the optimizer applies at ever
 import csv
 import dataclasses
 import os
+import types
 
 import pytest
 import torch
@@ -48,8 +49,9 @@ def test_default_flags_build_the_reference_recipe():
 
 
 def test_the_optimizer_applies_the_scheduled_rate_at_every_step(tmp_path, fake_cifar10, monkeypatch):
-    """200 images in batches of 64 (the last of 8, kept): 4 steps per epoch, 1 warm-up epoch of 3. The rate
-    Adam reads at each step is the schedule's at that global step, and metrics.csv's lr is the epoch's last."""
+    """200 images in batches of 64 (the last of 8, kept): 4 steps per epoch, 0.9 warm-up epochs (3.6 steps, taken
+    as 4) of 3. The rate Adam reads at each step is the schedule's at that global step, and metrics.csv's lr is the
+    epoch's last."""
     applied = []
     build = trainer.Trainer.build
 
@@ -60,7 +62,7 @@ def test_the_optimizer_applies_the_scheduled_rate_at_every_step(tmp_path, fake_c
     monkeypatch.setattr(trainer.Trainer, "build", build_and_watch)
     out_dir = str(tmp_path / "run")
     args = main.parse_args(["--device", "cpu", "--data-dir", fake_cifar10, "--out-dir", out_dir, "--epochs", "3",
-                            "--warmup-epochs", "1", "--batch-size", "64", "--lr", "2e-3", "--min-lr", "1e-4",
+                            "--warmup-epochs", "0.9", "--batch-size", "64", "--lr", "2e-3", "--min-lr", "1e-4",
                             *TINY_MODEL])
     trainer.Trainer(args).fit()
 
@@ -70,6 +72,48 @@ def test_the_optimizer_applies_the_scheduled_rate_at_every_step(tmp_path, fake_c
     with open(os.path.join(out_dir, "metrics.csv")) as f:
         logged = [float(row["lr"]) for row in csv.DictReader(f)]
     assert logged == pytest.approx([applied[3], applied[7], applied[11]], rel=1e-4)
+
+
+def test_an_epochs_metrics_are_per_image_means_over_every_image_seen(monkeypatch):
+    """Batches of 64, 64, 64 and 8 with scripted mean losses and correct counts: train_loss weighs each batch's
+    mean by its images, train_acc is a percentage of the 200, and images/s is the 200 over the training time."""
+    runner = trainer.Trainer(main.parse_args(["--device", "cpu", "--batch-size", "64", *TINY_MODEL]))
+    runner.build(10)
+    sizes, losses, correct = [64, 64, 64, 8], iter([2.0, 1.0, 0.5, 3.0]), iter([32, 48, 64, 8])
+
+    class Loader:
+        num_samples = 200
+
+        def epoch(self, epoch):
+            for n in sizes:
+                yield torch.zeros(n, 3, 32, 32, dtype=torch.uint8), torch.arange(n) % 10
+    runner.train_step = lambda images, labels, lr, global_batch=None: (torch.tensor(next(losses)),
+                                                                        torch.tensor(next(correct)))
+    times = [100.0, 100.0, 104.0]  # the epoch's start, this session's start, the end of its training
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(time=lambda: times.pop(0) if len(times) > 1 else times[0]))
+    row, _ = runner.train_epoch(1, Loader(), 4, 8, 0, None)
+    assert row["train_loss"] == pytest.approx((2.0 * 64 + 1.0 * 64 + 0.5 * 64 + 3.0 * 8) / 200)
+    assert row["train_acc"] == pytest.approx(100.0 * 152 / 200)
+    assert row["images_per_second"] == pytest.approx(200 / 4.0)
+
+
+def test_evaluation_runs_the_model_in_eval_mode_and_gives_a_percentage():
+    """With --dropout 0.5 an evaluation in training mode would be random; it is the eval-mode model's, twice alike,
+    and the model goes back to training mode."""
+    runner = trainer.Trainer(main.parse_args(["--device", "cpu", "--dropout", "0.5", "--eval-batch-size", "16",
+                                              *TINY_MODEL]))
+    runner.build(10)
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    runner.model.eval()
+    with torch.no_grad():
+        logits = runner.model(data.normalize(images))
+    predicted = logits.argmax(-1)
+    labels = torch.where(torch.arange(40) < 20, predicted, (predicted + 1) % 10)  # right on exactly half
+    runner.model.train()
+    first, second = runner.evaluate(images, labels), runner.evaluate(images, labels)
+    assert first[1] == second[1] == 50.0 and torch.equal(first[2], predicted)
+    assert first[0] == pytest.approx(F.cross_entropy(logits, labels, label_smoothing=0.1).item(), rel=1e-5)
+    assert runner.model.training
 
 
 def test_every_model_flag_reaches_the_model():

@@ -37,7 +37,7 @@ import data
 import main
 import trainer
 import visualize
-from cli import nonempty_path, run_script
+from cli import first_line, nonempty_path, run_script
 from models import ViTConfig, VisionTransformer
 
 TINY = [*TINY_MODEL, "--patch-size", "8", "--device", "cpu", "--eval-batch-size", "100"]
@@ -1169,8 +1169,13 @@ def test_a_refusal_shows_the_values_as_given(argv, message, capsys):  # "3 is lo
 
 def test_a_rewritten_file_keeps_its_permissions_and_chmod_may_fail(tmp_path, monkeypatch):
     path = str(tmp_path / "last.pt")
-    with checkpoint.atomic_file(path) as f:
-        f.write(b"first")
+    previous_umask = os.umask(0o022)
+    try:
+        with checkpoint.atomic_file(path) as f:
+            f.write(b"first")
+    finally:
+        os.umask(previous_umask)
+    assert os.stat(path).st_mode & 0o777 == 0o644  # as open() makes it (mkstemp's own 0600 would hide it from others)
     os.chmod(path, 0o600)  # a private checkpoint
     with checkpoint.atomic_file(path) as f:
         f.write(b"second")
@@ -1181,6 +1186,21 @@ def test_a_rewritten_file_keeps_its_permissions_and_chmod_may_fail(tmp_path, mon
         f.write(b"third")
     assert open(path, "rb").read() == b"third" and temp_files(str(tmp_path)) == []
 
+
+def test_a_file_is_fsynced_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    """Else a power loss just after the rename could leave an empty file where the old checkpoint was."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    with checkpoint.atomic_file(str(tmp_path / "last.pt")) as f:
+        f.write(b"weights")
+    assert events[:2] == ["fsync", "replace"]
+
+
+
+def test_first_line_is_the_first_non_blank_line_of_a_message_stripped():
+    assert first_line(ValueError("\n   \n  the weights do not fit \n details")) == "the weights do not fit"
+    assert first_line(ValueError()) == ""
 
 def test_a_folder_whose_filesystem_refuses_locks_still_trains(tmp_path, fake_data, cli, monkeypatch):
     """Some network mounts answer flock with ENOLCK: the run goes on without the lock rather than stopping."""

@@ -52,10 +52,11 @@ def scripted_accuracies(monkeypatch, accuracies):
 def test_long_interval_writes_after_the_first_and_last_epochs(fake_cifar10, tmp_path, recorded, monkeypatch):
     saves, plotted = recorded
     scripted_accuracies(monkeypatch, [10.0, 30.0, 20.0, 15.0])
-    assert run(fake_cifar10, tmp_path, "--write-interval", "1000") == 0
+    assert run(fake_cifar10, tmp_path, "--write-interval", "1000", "--save-every", "2") == 0
     # epoch 2's improvement waits in memory and reaches best.pt at the next write (epoch 4, the last), before the
-    # last.pt that names it
-    assert saves == [("best.pt", 1), ("last.pt", 1), ("best.pt", 2), ("last.pt", 4)]
+    # last.pt that names it; --save-every 2 writes epochs 2 and 4 whatever the interval
+    assert saves == [("best.pt", 1), ("last.pt", 1), ("epoch_2.pt", 2), ("best.pt", 2), ("last.pt", 4),
+                     ("epoch_4.pt", 4)]
     assert plotted == [1, 4]
     assert len(open(tmp_path / "metrics.csv").read().splitlines()) == 5  # header + every epoch
     best = checkpoint.load(str(tmp_path / "checkpoints" / "best.pt"))
@@ -71,6 +72,15 @@ def test_zero_interval_writes_every_epoch(fake_cifar10, tmp_path, recorded, monk
     assert saves == [("best.pt", 1), ("last.pt", 1), ("best.pt", 2), ("last.pt", 2), ("last.pt", 3),
                      ("best.pt", 4), ("last.pt", 4)]
     assert plotted == [1, 2, 3, 4]
+
+
+def test_a_run_that_never_improves_on_0_percent_still_has_a_best_pt_and_a_tie_is_no_improvement(
+        fake_cifar10, tmp_path, recorded, monkeypatch):
+    saves, _ = recorded
+    scripted_accuracies(monkeypatch, [0.0, 0.0, 0.0, 0.0])
+    assert run(fake_cifar10, tmp_path, "--write-interval", "0") == 0
+    assert saves == [("best.pt", 1), ("last.pt", 1), ("last.pt", 2), ("last.pt", 3), ("last.pt", 4)]
+    assert checkpoint.load(str(tmp_path / "checkpoints" / "last.pt"))["best_epoch"] == 1
 
 
 def test_an_error_stop_keeps_its_deferred_best_apart_from_the_best_pt_that_last_pt_names(fake_cifar10, tmp_path, recorded,
