@@ -213,3 +213,9 @@ def write_evaluation_report(model, images_uint8: torch.Tensor, labels: torch.Ten
     save_confusion_figure(matrix, classes, os.path.join(out_dir, confusion))
     write_per_class_csv(matrix, classes, os.path.join(out_dir, per_class))
     return per_class_table(matrix, classes)
+
+
+if __name__ == "__main__":  # a library: say what writes its pictures rather than exit in silence
+    raise SystemExit("visualize.py is a library, not a script: write a checkpoint's report (attention.png, "
+                     "confusion.png, per_class.csv) with python main.py --eval-only --checkpoint CHECKPOINT, or "
+                     "one image's attention with python predict.py IMAGE --checkpoint CHECKPOINT --attention")

@@ -3,6 +3,8 @@ import csv
 import dataclasses
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from PIL import Image
 
 import plots
 import visualize
+from conftest import ROOT
 from data import normalize
 from models import ViTConfig, VisionTransformer
 
@@ -192,3 +195,11 @@ def test_a_report_write_that_fails_half_way_keeps_the_old_file(tmp_path, monkeyp
                                           str(tmp_path))
     assert (tmp_path / failing).read_bytes() == before[failing]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)  # no temporary file left
+
+
+def test_run_as_a_script_it_names_the_commands_that_write_its_pictures():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "visualize.py")], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "python main.py --eval-only --checkpoint CHECKPOINT" in lines[0]
