@@ -33,7 +33,8 @@ FOLDER = "checkpoints"  # a run's checkpoints: <out-dir>/checkpoints/last.pt, be
 
 
 class CheckpointError(Exception):
-    """A checkpoint that cannot be read or does not fit; the message says which file and why."""
+    """A checkpoint that cannot be read or does not fit, or an out-dir whose earlier run a new one would overwrite;
+    the message says which file and why."""
 
 
 @contextlib.contextmanager
@@ -208,7 +209,6 @@ def model_config_of(state: dict, path: str) -> ViTConfig:
         raise CheckpointError(f"{path} has an invalid model_config ({error})") from None
 
 
-
 def refuse_non_cifar_model(config: ViTConfig, path: str) -> None:
     """A checkpoint made for other images (no flag of ours makes one) is refused before the data is read."""
     cifar = ViTConfig()
@@ -216,6 +216,7 @@ def refuse_non_cifar_model(config: ViTConfig, path: str) -> None:
         raise CheckpointError(f"{path} holds a model for {config.image_size}-pixel images with {config.in_channels} "
                               f"channels; CIFAR's are {cifar.image_size}-pixel with {cifar.in_channels}: use a "
                               f"checkpoint trained here")
+
 
 def load_weights(model, state: dict, path: str) -> None:
     """model.load_state_dict(state["model"]), with a CheckpointError when the weights do not fit."""

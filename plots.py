@@ -43,16 +43,17 @@ def read_numeric_csv(path: str, columns: tuple, what: str) -> list:
 def read_curve(path: str) -> tuple:
     """(label, [(epoch, test accuracy %)]) from a CSV with `epoch` and `test_acc` columns, such as
     reference/seed-test-curve.csv (the reference project's run) or another run's metrics.csv."""
-    rows = percentages(path, whole_epochs(path, read_numeric_csv(path, ("epoch", "test_acc"), "a test-accuracy curve")),
-                       ("test_acc",))
+    rows = whole_epochs(path, read_numeric_csv(path, ("epoch", "test_acc"), "a test-accuracy curve"))
+    check_percentages(path, rows, ("test_acc",))
     return os.path.basename(path), [(row["epoch"], row["test_acc"]) for row in rows]
 
 
 def read_history(path: str) -> list:
     """The rows of a run's metrics.csv, as the trainer keeps them."""
-    rows = whole_epochs(path, read_numeric_csv(path, ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc"),
-                                               "a metrics.csv"))
-    return percentages(path, rows, ("train_acc", "test_acc"))
+    columns = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc")
+    rows = whole_epochs(path, read_numeric_csv(path, columns, "a metrics.csv"))
+    check_percentages(path, rows, ("train_acc", "test_acc"))
+    return rows
 
 
 def whole_epochs(path: str, rows: list) -> list:
@@ -62,15 +63,14 @@ def whole_epochs(path: str, rows: list) -> list:
     return [{**row, "epoch": int(row["epoch"])} for row in rows]
 
 
-def percentages(path: str, rows: list, columns: tuple) -> list:
-    """The rows, once every value of `columns` is a percentage from 0 to 100 (or NaN: a gap in the curve); an
+def check_percentages(path: str, rows: list, columns: tuple) -> None:
+    """A ValueError unless every value of `columns` is a percentage from 0 to 100 (or NaN: a gap in the curve); an
     accuracy of 1e308 would pass as a number and then break the drawing."""
     for number, row in enumerate(rows, start=1):
         for column in columns:
             if not (math.isnan(row[column]) or 0.0 <= row[column] <= 100.0):
                 raise ValueError(f"{path}: {column} must be a percentage from 0 to 100, row {number} holds "
                                  f"{row[column]:g}")
-    return rows
 
 
 IMAGE_FORMATS = ("png", "pdf", "svg")

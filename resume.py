@@ -5,8 +5,8 @@ continue it with its flags into its --out-dir, and putting its state back.
     ...                                                                      # build the model and optimizer
     history, best_acc, best_epoch, start_epoch, position = resume.restore(state, path, model, optimizer, ...)
 
-Each refusal is one line (checkpoint.CheckpointError) naming the fix, raised before anything in the out-dir is
-written. The notes (what is resumed, which flags changed) are for the log once the run has really started.
+Each refusal is one line (checkpoint.CheckpointError) naming the fix; find's come before the data is read and
+anything is written. The notes (what is resumed, which flags changed) are for the log once the run has started.
 """
 import dataclasses
 import os
@@ -39,12 +39,11 @@ def find(args, last_checkpoint: str, wanted: ViTConfig):
     """(state, path, notes): the checkpoint to continue, or (None, None, notes) for a new run. Refuses to overwrite
     an earlier run's files, a checkpoint without training state or beyond --epochs, and a model other than
     `wanted` (the flags' model)."""
-    notes = []
     earlier = next((f for f in (last_checkpoint, os.path.join(args.out_dir, "metrics.csv")) if os.path.isfile(f)),
                    None)
-    path = path_or_none(args.resume, last_checkpoint, earlier, notes)
+    path = path_or_none(args.resume, last_checkpoint, earlier)
     if path is None:
-        return None, None, notes
+        return None, None, [f"--resume auto: no {last_checkpoint}, starting a new run"] if args.resume == "auto" else []
     best = os.path.join(os.path.dirname(last_checkpoint), "best.pt")
     state = checkpoint.load(path, another=(
         f"go on from an earlier checkpoint in a new folder: --resume {best} --out-dir NEW_FOLDER"
@@ -60,18 +59,18 @@ def find(args, last_checkpoint: str, wanted: ViTConfig):
         stopped = f", stopped at step {int(position['step'])} of the next" if position is not None else ""
         reached = int(state["epoch"]) + (position is not None)  # the epoch it finished, or stopped in
     except (KeyError, TypeError, ValueError, IndexError) as error:
-        raise malformed(path, error) from None
+        raise malformed_error(path, error) from None
     if args.epochs < reached:  # nothing to train, and a mid-epoch stop's report would be of other weights
         raise checkpoint.CheckpointError(f"{path} has reached epoch {reached} (epoch {state['epoch']} done"
                                          f"{stopped}), beyond --epochs {args.epochs}: resume with --epochs "
                                          f"{reached} or more")
     check_model(state, path, wanted)
-    notes.append(f"resuming from {path} (epoch {state['epoch']} done{stopped})")
-    notes.extend(changed_flags_note(state, path, args, stopped_mid_epoch=position is not None))
+    notes = [f"resuming from {path} (epoch {state['epoch']} done{stopped})",
+             *check_recipe_flags(state, path, args, stopped_mid_epoch=position is not None)]
     return state, path, notes
 
 
-def path_or_none(resume: str | None, last: str, earlier: str | None, notes: list):
+def path_or_none(resume: str | None, last: str, earlier: str | None) -> str | None:
     """--resume's checkpoint (auto: the out-dir's last.pt), or None for a new run, which is refused where
     `earlier` (the out-dir's last.pt or metrics.csv) would be overwritten."""
     if resume == "auto" and earlier == last:
@@ -84,8 +83,6 @@ def path_or_none(resume: str | None, last: str, earlier: str | None, notes: list
     if earlier:  # metrics.csv without the checkpoint that could continue it
         raise checkpoint.CheckpointError(f"{earlier} holds an earlier run, and there is no {last} to continue it "
                                          f"from: start the new run in another --out-dir (or move that file away)")
-    if resume == "auto":
-        notes.append(f"--resume auto: no {last}, starting a new run")
     return None
 
 
@@ -119,9 +116,9 @@ def check_model(state: dict, path: str, wanted: ViTConfig) -> None:
                                          + "): resume with the original flags or start a new --out-dir")
 
 
-def changed_flags_note(state: dict, path: str, args, stopped_mid_epoch: bool) -> list:
+def check_recipe_flags(state: dict, path: str, args, stopped_mid_epoch: bool) -> list:
     """The log's note on the training flags that differ from the checkpoint's (a changed recipe is never silent),
-    as a list of one line or none; refused for the batch size and seed of a run stopped mid-epoch, whose remaining
+    as a list of one line or none. Refuses a new batch size or seed for a run stopped mid-epoch, whose remaining
     steps are slices of that epoch's order."""
     stored = state.get("config") if isinstance(state.get("config"), dict) else {}
     if not stored:
@@ -169,7 +166,7 @@ def restore(state: dict, path: str, model, optimizer, rank: int, world: int, dev
         float(position["seconds"]), int(position["step"])  # noqa: B018 - present and numbers
         return Restored(history, best_acc, best_epoch, int(position["epoch"]), position)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
-        raise malformed(path, error) from None
+        raise malformed_error(path, error) from None
 
 
 def load_optimizer_state(optimizer, saved: dict) -> None:
@@ -206,6 +203,6 @@ def best_model_at_hand(state: dict, path: str, best_epoch: int, best_acc: float)
     return candidate if is_the_best(candidate) else None  # is_the_best(None) is False
 
 
-def malformed(path: str, error: Exception) -> checkpoint.CheckpointError:
+def malformed_error(path: str, error: Exception) -> checkpoint.CheckpointError:
     return checkpoint.CheckpointError(f"{path} has a malformed training state ({type(error).__name__}: "
                                       f"{first_line(error)}): resume from another checkpoint or start a new --out-dir")

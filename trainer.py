@@ -3,8 +3,9 @@
 One `Trainer` runs one process of a run (a single process, or one rank of a torchrun job):
     trainer = Trainer(args); trainer.fit()      # or trainer.evaluate_checkpoint()
 The log goes to stdout (rank 0 only; `nohup ... > run.log` keeps it); the files go to args.out_dir:
-metrics.csv, results.png, checkpoints/{last,best,epoch_N}.pt and, at the end, the evaluation report
-(attention.png, confusion.png, per_class.csv).
+metrics.csv, results.png, checkpoints/{last,best,epoch_N}.pt (best_epoch_N.pt: see flush_deferred_outputs) and, at
+the end, the evaluation report (attention.png, confusion.png, per_class.csv). resume.py decides what --resume
+continues.
 """
 import collections
 import copy
@@ -36,9 +37,9 @@ RUN_LOCK = ".run.lock"  # in checkpoints/: one run at a time per --out-dir
 
 class TrainingStopped(Exception):
     """Ends a run early with a message and an exit status: 2 for a setup problem found before training
-    (no CUDA, an unwritable or already used --out-dir, a batch size the processes cannot split), 1 for
-    non-finite values or a failed write, 128 + signum for a stop by signal (main.py prints it without
-    "error:")."""
+    (no CUDA, an unwritable --out-dir or one another run is writing into, a batch size the processes cannot
+    split), 1 for non-finite values or a failed write, 128 + signum for a stop by signal (main.py prints it
+    without "error:")."""
 
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
@@ -617,21 +618,22 @@ class Trainer:
             self.save(pending, "best.pt")
 
     def flush_deferred_outputs(self):
-        """When a run stops on an error (non-finite values, a failed write): results.png, and the best model of an
-        improvement made since the last write, as best_epoch_N.pt. Not as best.pt: last.pt, which a resume goes on
-        from, could not be written and names the best.pt of its own epochs. (A signal's stop saves last.pt, and
-        the pending best.pt before it.) Errors here are dropped: the error that stopped the run is the one to
-        report."""
+        """When a run stops with TrainingStopped but no last.pt (non-finite values, a failed write): results.png, and
+        the best model of an improvement made since the last write, as best_epoch_N.pt. Not as best.pt: last.pt,
+        which a resume goes on from, names the best.pt of its own epochs. (A signal's stop saves the pending best.pt,
+        then last.pt.) A failure here is logged or dropped: the error that stopped the run is the one to report."""
         if not self.is_main:
             return
+        if self.pending_best is not None:
+            pending, self.pending_best = self.pending_best, None
+            path = os.path.join(self.checkpoint_dir, f"best_epoch_{pending['epoch']}.pt")
+            what = f"the best model since the last checkpoint (epoch {pending['epoch']}, {pending['best_acc']:.2f}%)"
+            try:
+                checkpoint.save(pending, path)
+                self.log(f"saved {path}: {what}, apart from best.pt, which {self.last_checkpoint} names")
+            except OSError as error:
+                self.log(f"could not save {what} as {path} ({error.strerror or error})")
         try:
-            if self.pending_best is not None:
-                pending, self.pending_best = self.pending_best, None
-                name = f"best_epoch_{pending['epoch']}.pt"
-                self.save(pending, name)
-                self.log(f"saved {os.path.join(self.checkpoint_dir, name)}: the best model since the last checkpoint "
-                         f"(epoch {pending['epoch']}, {pending['best_acc']:.2f}%), apart from best.pt, which stays "
-                         f"the best of the epochs that {self.last_checkpoint} holds")
             self.write_outputs(metrics=False, plot=bool(self.history))
         except TrainingStopped:
             pass
@@ -644,7 +646,8 @@ class Trainer:
             writer = csv.DictWriter(f, fieldnames=plots.METRIC_FIELDS)
             writer.writeheader()
             for row in self.history:
-                writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]) for k in plots.METRIC_FIELDS})
+                writer.writerow({k: (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k])
+                                 for k in plots.METRIC_FIELDS})
 
     def plot(self):
         """results.png. A drawing that fails for another reason than the disk (OSError: write_outputs stops the

@@ -194,6 +194,7 @@ def per_class_table(matrix: torch.Tensor, classes: list) -> list:
 
 REPORT_FILES = ("attention.png", "confusion.png", "per_class.csv")  # a run's; --eval-only adds a suffix to each
 
+
 def write_evaluation_report(model, images_uint8: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor,
                             classes: list, out_dir: str, suffix: str = "") -> list:
     """attention.png, confusion.png and per_class.csv into out_dir (attention-best.png and so on with suffix

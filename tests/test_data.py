@@ -349,7 +349,8 @@ def test_device_train_loader_augments_deterministically_per_seed_and_epoch():
     shard = list(data.DeviceTrainLoader(images, labels, 8, seed=0, device="cpu", chunk=7, rank=1, world=2).epoch(1))
     x1, y1 = torch.cat([x for x, _ in shard]), torch.cat([y for _, y in shard])
     generator = torch.Generator().manual_seed(data.epoch_seed(0, 1, rank=1))
-    assert torch.equal(x1, torch.cat([augment.train_augment(part, generator=generator) for part in images[y1].split(7)]))
+    expected = torch.cat([augment.train_augment(part, generator=generator) for part in images[y1].split(7)])
+    assert torch.equal(x1, expected)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -84,7 +84,8 @@ def test_the_best_epoch_marked_is_never_a_nan_row(tmp_path, monkeypatch):
                                            *[(f"epoch,test_acc\n1,10\n{epoch},20\n", "whole numbers from 1 on")
                                              for epoch in ("inf", "nan", "1.5", "0")],
                                            *[(f"epoch,test_acc\n1,10\n2,{acc}\n",
-                                              re.escape(f"test_acc must be a percentage from 0 to 100, row 2 holds {acc}"))
+                                              re.escape(f"test_acc must be a percentage from 0 to 100, row 2 holds "
+                                                        f"{acc}"))
                                              for acc in ("1e+308", "-1", "inf", "100.5")]])
 def test_a_bad_curve_file_is_named_with_its_problem(tmp_path, text, problem):
     path = tmp_path / "curve.csv"
@@ -92,7 +93,6 @@ def test_a_bad_curve_file_is_named_with_its_problem(tmp_path, text, problem):
     with pytest.raises(ValueError, match=problem) as error:
         plots.read_curve(str(path))
     assert str(error.value).startswith(f"{path}: ")
-
 
 
 def test_a_spreadsheets_curve_is_read_with_its_byte_order_mark_and_spaces(tmp_path):
@@ -107,7 +107,8 @@ def test_a_metrics_file_with_an_accuracy_beyond_100_is_one_line(tmp_path, capsys
     metrics = tmp_path / "metrics.csv"
     metrics.write_text(METRICS.replace("34.6", "1e308"))
     assert plots.main([str(metrics), str(tmp_path / "out.png")]) == 2
-    assert capsys.readouterr().err == f"error: {metrics}: train_acc must be a percentage from 0 to 100, row 2 holds 1e+308\n"
+    assert capsys.readouterr().err == (f"error: {metrics}: train_acc must be a percentage from 0 to 100, row 2 holds "
+                                       f"1e+308\n")
     assert not (tmp_path / "out.png").exists()
 
 
@@ -126,6 +127,7 @@ def test_a_drawing_that_fails_warns_once_and_the_run_goes_on(fake_cifar10, tmp_p
     assert "Traceback" not in err and not (tmp_path / "results.png").exists()
     assert [row["epoch"] for row in plots.read_history(str(tmp_path / "metrics.csv"))] == [1, 2]
     assert os.path.isfile(tmp_path / "checkpoints" / "last.pt")
+
 
 def test_a_run_draws_its_compare_curve_into_results_png(fake_cifar10, tmp_path, monkeypatch):
     import main

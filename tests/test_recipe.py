@@ -89,8 +89,9 @@ def test_an_epochs_metrics_are_per_image_means_over_every_image_seen(monkeypatch
                 yield torch.zeros(n, 3, 32, 32, dtype=torch.uint8), torch.arange(n) % 10
     runner.train_step = lambda images, labels, lr, global_batch=None: (torch.tensor(next(losses)),
                                                                         torch.tensor(next(correct)))
-    times = [100.0, 100.0, 104.0]  # the epoch's start, this session's start, the end of its training
-    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(time=lambda: times.pop(0) if len(times) > 1 else times[0]))
+    times = [100.0, 100.0, 104.0]  # the epoch's start, this session's start, the end of its training (then stays)
+    clock = types.SimpleNamespace(time=lambda: times.pop(0) if len(times) > 1 else times[0])
+    monkeypatch.setattr(trainer, "time", clock)
     row, _ = runner.train_epoch(1, Loader(), 4, 8, 0, None)
     assert row["train_loss"] == pytest.approx((2.0 * 64 + 1.0 * 64 + 0.5 * 64 + 3.0 * 8) / 200)
     assert row["train_acc"] == pytest.approx(100.0 * 152 / 200)
@@ -100,8 +101,8 @@ def test_an_epochs_metrics_are_per_image_means_over_every_image_seen(monkeypatch
 def test_evaluation_runs_the_model_in_eval_mode_and_gives_a_percentage():
     """With --dropout 0.5 an evaluation in training mode would be random; it is the eval-mode model's, twice alike,
     and the model goes back to training mode."""
-    runner = trainer.Trainer(main.parse_args(["--device", "cpu", "--dropout", "0.5", "--eval-batch-size", "16",
-                                              *TINY_MODEL]))
+    runner = trainer.Trainer(main.parse_args(["--device", "cpu", "--precision", "fp32", "--dropout", "0.5",
+                                              "--eval-batch-size", "16", *TINY_MODEL]))
     runner.build(10)
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     runner.model.eval()
@@ -141,17 +142,18 @@ def test_a_resume_names_every_changed_training_flag_a_new_one_too():
     stored = {k: v for k, v in vars(args).items() if k != "lr"}  # saved before --lr existed: its default held
     stored.update({flag: f"other {flag}" for flag in resume.COMPUTE_AND_OUTPUT_FLAGS})  # silent, all of them
     args.no_autoaugment, stored["no_autoaugment"] = True, False  # as if a researcher had added --no-autoaugment
-    notes = resume.changed_flags_note({"config": stored}, "last.pt", args, stopped_mid_epoch=False)
+    notes = resume.check_recipe_flags({"config": stored}, "last.pt", args, stopped_mid_epoch=False)
     assert notes == ["note: resuming with changed flags (--lr 0.001 in the checkpoint, 0.002 now; "
                      "--no-autoaugment False in the checkpoint, True now); the run goes on with the new values"]
-    assert resume.changed_flags_note({"config": vars(args)}, "last.pt", args, stopped_mid_epoch=False) == []
+    assert resume.check_recipe_flags({"config": vars(args)}, "last.pt", args, stopped_mid_epoch=False) == []
 
 
 @pytest.mark.parametrize("pipeline, named", [("torchvision", True), ("device", False)])
 def test_a_resume_names_changed_workers_where_they_change_the_augmentation(pipeline, named):
     """The torchvision pipeline's workers each draw their own augmentation stream; the device pipeline has none."""
     args = main.parse_args(["--device", "cpu", "--data-pipeline", pipeline, "--workers", "3"])
-    notes = resume.changed_flags_note({"config": {**vars(args), "workers": 1}}, "last.pt", args, stopped_mid_epoch=False)
+    stored = {**vars(args), "workers": 1}
+    notes = resume.check_recipe_flags({"config": stored}, "last.pt", args, stopped_mid_epoch=False)
     assert ("--workers 1 in the checkpoint, 3 now" in " ".join(notes)) == named
 
 

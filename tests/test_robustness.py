@@ -1197,10 +1197,10 @@ def test_a_file_is_fsynced_before_it_replaces_the_old_one(tmp_path, monkeypatch)
     assert events[:2] == ["fsync", "replace"]
 
 
-
 def test_first_line_is_the_first_non_blank_line_of_a_message_stripped():
     assert first_line(ValueError("\n   \n  the weights do not fit \n details")) == "the weights do not fit"
     assert first_line(ValueError()) == ""
+
 
 def test_a_folder_whose_filesystem_refuses_locks_still_trains(tmp_path, fake_data, cli, monkeypatch):
     """Some network mounts answer flock with ENOLCK: the run goes on without the lock rather than stopping."""

@@ -1,5 +1,7 @@
 """--write-interval: metrics.csv every epoch; results.png, last.pt and best.pt after the first and last epochs
-and when the interval has passed; an improvement made between writes reaches best.pt later, or when a run stops."""
+and when the interval has passed; an improvement made between writes reaches best.pt later, or best_epoch_N.pt
+when an error stops the run first."""
+import errno
 import os
 
 import pytest
@@ -9,7 +11,7 @@ import checkpoint
 import main
 import plots
 import trainer
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, one_line_error
 
 
 @pytest.fixture
@@ -83,15 +85,15 @@ def test_a_run_that_never_improves_on_0_percent_still_has_a_best_pt_and_a_tie_is
     assert checkpoint.load(str(tmp_path / "checkpoints" / "last.pt"))["best_epoch"] == 1
 
 
-def test_an_error_stop_keeps_its_deferred_best_apart_from_the_best_pt_that_last_pt_names(fake_cifar10, tmp_path, recorded,
-                                                                                          monkeypatch, capsys):
+def test_an_error_stop_keeps_its_deferred_best_apart_from_the_best_pt_that_last_pt_names(
+        fake_cifar10, tmp_path, recorded, monkeypatch, capsys):
     """Epoch 2's improvement waits in memory; epoch 3's test loss is NaN, so last.pt stays at epoch 1, which names
     epoch 1's best.pt: the waiting best goes to best_epoch_2.pt, and best.pt stays the one a resume goes on with."""
     saves, plotted = recorded
     scripted_accuracies(monkeypatch, [10.0, 30.0, float("nan")])
     assert run(fake_cifar10, tmp_path, "--write-interval", "1000") == 1
     out, err = capsys.readouterr()
-    assert "non-finite test loss after the update at epoch 3" in err
+    one_line_error(err, "non-finite test loss after the update at epoch 3")
     folder = tmp_path / "checkpoints"
     assert f"saved {folder / 'best_epoch_2.pt'}: the best model since the last checkpoint (epoch 2, 30.00%)" in out
     assert saves == [("best.pt", 1), ("last.pt", 1), ("best_epoch_2.pt", 2)]
@@ -99,3 +101,23 @@ def test_an_error_stop_keeps_its_deferred_best_apart_from_the_best_pt_that_last_
     last, best, aside = (checkpoint.load(str(folder / name)) for name in ("last.pt", "best.pt", "best_epoch_2.pt"))
     assert (last["epoch"], last["best_epoch"], best["epoch"]) == (1, 1, 1)
     assert (aside["epoch"], aside["best_acc"]) == (2, 30.0)
+
+
+def test_an_error_stop_that_cannot_save_its_deferred_best_says_so_and_still_draws(fake_cifar10, tmp_path, recorded,
+                                                                                   monkeypatch, capsys):
+    saves, plotted = recorded
+    scripted_accuracies(monkeypatch, [10.0, 30.0, float("nan")])
+    recording_save = checkpoint.save
+
+    def disk_full_for_the_deferred_best(state, path):
+        if os.path.basename(path) == "best_epoch_2.pt":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        recording_save(state, path)
+    monkeypatch.setattr(checkpoint, "save", disk_full_for_the_deferred_best)
+    assert run(fake_cifar10, tmp_path, "--write-interval", "1000") == 1
+    out, err = capsys.readouterr()
+    one_line_error(err, "non-finite test loss after the update at epoch 3")
+    path = tmp_path / "checkpoints" / "best_epoch_2.pt"
+    assert (f"could not save the best model since the last checkpoint (epoch 2, 30.00%) as {path} "
+            f"(No space left on device)") in out
+    assert saves == [("best.pt", 1), ("last.pt", 1)] and plotted == [1, 2] and not path.exists()
