@@ -442,7 +442,8 @@ class Trainer:
             self.prepare_checkpoint_dir()
         cifar = data.load_cifar(args.dataset, args.data_dir)
         self.classes = cifar.classes
-        self.build(cifar.num_classes, checkpoint.model_config_of(resume_state, self.resume_path) if resume_state else None)
+        self.build(cifar.num_classes,
+                   checkpoint.model_config_of(resume_state, self.resume_path) if resume_state else wanted)
         loader = self.make_train_loader(cifar)
         steps_per_epoch = loader.steps()
         total_steps = args.epochs * steps_per_epoch
