@@ -202,7 +202,9 @@ def _unpickling_reason(error: Exception) -> str:
 
 
 def model_config_of(state: dict, path: str) -> ViTConfig:
-    fields = {f.name for f in dataclasses.fields(ViTConfig)}
+    """The stored model, with the default attention: the path it trained with is how that machine computed
+    (a GPU run's --attention triton), not part of the model, and the reader picks its own."""
+    fields = {f.name for f in dataclasses.fields(ViTConfig)} - {"attention"}
     try:
         return ViTConfig(**{k: v for k, v in state["model_config"].items() if k in fields})
     except (TypeError, ValueError, AttributeError, KeyError) as error:
@@ -233,7 +235,10 @@ def load_model(path: str, device="cpu", attention: str | None = None):
     state = load(path)
     config = model_config_of(state, path)
     if attention is not None:
-        config = dataclasses.replace(config, attention=attention)
+        try:
+            config = dataclasses.replace(config, attention=attention)
+        except ValueError as error:  # a path this model's shape or dropout rules out
+            raise CheckpointError(f"{path}: {error}") from None
     model = VisionTransformer(config)
     load_weights(model, state, path)
     return model.to(device).eval(), state

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "of them, zero biases")
     model.add_argument("--attention", choices=("auto", *models.ATTENTION_PATHS), default="auto",
                        help="sdpa: F.scaled_dot_product_attention (fused kernels); math: the explicit formula; "
-                            "auto: sdpa, except math on the CPU in bf16 (faster there)")
+                            "triton: this repository's kernels for short sequences (CUDA, no dropout; "
+                            "triton_attention.py); auto: sdpa, except math on the CPU in bf16 (faster there)")
 
     system = p.add_argument_group("data and system")
     system.add_argument("--dataset", choices=data.DATASETS, default="cifar10", help="which CIFAR")
@@ -157,6 +158,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if image_size % args.patch_size:
         parser.error(f"--patch-size {args.patch_size} does not divide the {image_size}-pixel CIFAR images: "
                      f"use one of {', '.join(str(d) for d in range(1, image_size + 1) if image_size % d == 0)}")
+    if args.attention == "triton":
+        tokens = (image_size // args.patch_size) ** 2 + 1
+        problem = models.triton_attention_problem(tokens, args.hidden // args.heads, args.dropout)
+        if problem:
+            parser.error(f"--attention triton {problem}")
     if args.no_compile and args.compile_mode != "auto":
         parser.error(f"--compile-mode {args.compile_mode} and --no-compile contradict each other: drop one of them")
     if args.eval_only and not args.checkpoint:

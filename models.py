@@ -11,9 +11,10 @@ The pieces, bottom up: `self_attention` (scaled dot-product attention, written o
 (4x4 patches, class token, learned position embedding, encoder stack, LayerNorm + Linear head on
 the class token).
 
-Two attention paths compute the same function: `attention="math"` is the explicit formula above
+Three attention paths compute the same function: `attention="math"` is the explicit formula above
 (and the only one that can hand back the attention weights); `attention="sdpa"` calls
-`F.scaled_dot_product_attention`, which dispatches to fused flash / memory-efficient kernels.
+`F.scaled_dot_product_attention`, which dispatches to fused flash / memory-efficient kernels;
+`attention="triton"` runs this repository's own kernels for short sequences (triton_attention.py, CUDA).
 """
 import math
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ATTENTION_PATHS = ("sdpa", "math")
+ATTENTION_PATHS = ("sdpa", "math", "triton")
 INITS = ("timm", "pytorch")
 
 
@@ -58,12 +59,31 @@ class ViTConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.attention not in ATTENTION_PATHS:
             raise ValueError(f"attention must be one of {ATTENTION_PATHS}, got {self.attention!r}")
+        if self.attention == "triton":
+            problem = triton_attention_problem(self.num_patches + 1, self.hidden // self.heads, self.dropout)
+            if problem:
+                raise ValueError(f"attention 'triton' {problem}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+
+def triton_attention_problem(tokens: int, head_width: int, dropout: float):
+    """Why attention="triton" cannot compute this model, or None. Imports Triton, which only it needs."""
+    try:
+        import triton_attention
+    except ImportError as error:
+        return f"needs the triton package, which comes with PyTorch's CUDA builds on Linux ({error}): use the sdpa attention"
+    if dropout:
+        return "has no attention dropout: use the sdpa or math attention with dropout"
+    if not triton_attention.supports(tokens, head_width):
+        return (f"takes up to {triton_attention.MAX_TOKENS} tokens of head width "
+                f"{', '.join(map(str, triton_attention.HEAD_WIDTHS))}, not {tokens} tokens of width {head_width}: "
+                f"use the sdpa attention")
+    return None
 
 
 def self_attention(q, k, v, dropout: float = 0.0, training: bool = False):
@@ -81,6 +101,9 @@ class MultiHeadSelfAttention(nn.Module):
         self.attention = config.attention
         self.qkv = nn.Linear(config.hidden, 3 * config.hidden)
         self.proj = nn.Linear(config.hidden, config.hidden)
+        if self.attention == "triton":
+            import triton_attention  # the config has checked that it imports
+            self.triton_attention = triton_attention.attention
 
     def forward(self, x, return_weights: bool = False):
         batch, tokens, hidden = x.shape
@@ -89,6 +112,8 @@ class MultiHeadSelfAttention(nn.Module):
         weights = None
         if self.attention == "math" or return_weights:
             out, weights = self_attention(q, k, v, self.dropout, self.training)
+        elif self.attention == "triton":
+            out = self.triton_attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         out = self.proj(out.transpose(1, 2).reshape(batch, tokens, hidden))

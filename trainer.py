@@ -93,6 +93,9 @@ def resolve_attention(requested: str, device: torch.device, amp_dtype) -> str:
     """auto: the fused kernels, except on the CPU in bf16, where PyTorch's fused attention is the slower one
     (one layer's forward and backward at batch 128: 132 ms fused, 25 ms explicit; 2-core AVX512-BF16 CPU,
     torch 2.14)."""
+    if requested == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise TrainingStopped("--attention triton runs Triton's GPU kernels and needs a CUDA GPU: use --attention "
+                              "sdpa on the CPU (TRITON_INTERPRET=1 runs them there, slowly, as the tests do)", 2)
     if requested != "auto":
         return requested
     return "math" if device.type == "cpu" and amp_dtype is not None else "sdpa"

@@ -1,10 +1,11 @@
-"""Times F.scaled_dot_product_attention's CUDA kernels against the explicit formula.
+"""Times F.scaled_dot_product_attention's CUDA kernels against the explicit formula and triton_attention.py.
 
     PYTHONPATH=. python scripts/attention_backends.py [--batch-size 128]
 
 One layer's attention, forward and backward, on the default model's shape (batch x heads x
 65 tokens x head width, bf16), for each fused kernel PyTorch offers that takes the shape and for
-`models.self_attention` eager and compiled; milliseconds per call, timed with CUDA events.
+`models.self_attention` eager and compiled, and for this repository's Triton kernels (`--attention
+triton`); milliseconds per call, timed with CUDA events.
 """
 import argparse
 import sys
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import models
+import triton_attention
 
 
 def time_ms(fn, steps=200, warmup=20):
@@ -60,6 +62,7 @@ def main(argv=None):
             "explicit formula, compiled": forward_backward(torch.compile(explicit))}
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
         rows[f"sdpa {backend.name}"] = forward_backward(F.scaled_dot_product_attention, backend)
+    rows["triton_attention.py"] = forward_backward(triton_attention.attention)
     print(f"attention forward+backward, shape {shape} bf16, {torch.cuda.get_device_name()}")
     for name, call in rows.items():
         try:

@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # triton_attention.py's kernels then run on CPU tensors through Triton's
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # interpreter; read when Triton is imported (main.py's too)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL_CIFAR10 = os.path.join(ROOT, "..", "shared", "data", "cifar-10-batches-py")
 sys.path.insert(0, ROOT)

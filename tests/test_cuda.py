@@ -24,6 +24,25 @@ def test_sdpa_matches_math_on_cuda_fp32_and_bf16():
         assert relative_error(fast, reference) < 2e-2  # bf16 operands: 8 mantissa bits
 
 
+def test_triton_attention_trains_like_sdpa_in_bf16():
+    """The model's loss and gradients in bf16 autocast through the Triton kernels and through sdpa (fp32 against
+    the explicit formula in float64: tests/test_triton_attention.py, which runs on the GPU here too)."""
+    from models import ViTConfig, VisionTransformer
+    torch.manual_seed(0)
+    sdpa_model = VisionTransformer(ViTConfig(attention="sdpa")).cuda()
+    triton_model = VisionTransformer(ViTConfig(attention="triton")).cuda()
+    triton_model.load_state_dict(sdpa_model.state_dict())
+    images, labels = torch.randn(64, 3, 32, 32, device="cuda"), torch.randint(0, 10, (64,), device="cuda")
+    results = []
+    for model in (triton_model, sdpa_model):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    (triton_loss, triton_grads), (sdpa_loss, sdpa_grads) = results
+    assert relative_error(triton_loss, sdpa_loss) < 1e-2
+    assert relative_error(triton_grads, sdpa_grads) < 5e-2  # bf16 operands in both, rounded at different places
+
+
 def test_compiled_bf16_train_step_learns_a_fixed_batch():
     import main
     import trainer
@@ -71,6 +90,16 @@ def test_main_runs_on_cuda_with_compile(tmp_path):
     assert os.path.isfile(tmp_path / "run" / "checkpoints" / "last.pt")
 
 
+def test_main_trains_with_triton_attention_inside_the_whole_step_graph(tmp_path):
+    write_fake_cifar(str(tmp_path / "data"))
+    result = run_main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), "--epochs", "2",
+                       "--warmup-epochs", "1", "--batch-size", "32", "--attention", "triton", *TINY_MODEL[:4],
+                       "--heads", "2"])
+    assert result.returncode == 0, result.stderr
+    assert "attention: triton | compile: whole-step" in result.stdout
+    assert os.path.isfile(tmp_path / "run" / "checkpoints" / "last.pt")
+
+
 def test_reduce_overhead_trains_and_evaluates_like_default_compile():
     """CUDA graphs replay the same kernels: the same losses step by step (stale inputs would change them),
     and the evaluation's predictions survive the graph reusing its output memory on the next batch."""
@@ -105,7 +134,7 @@ def test_attention_backends_script_times_every_row(capsys):
     rows = lines[1:]
     assert [row.split("  ")[0] for row in rows] == [
         "explicit formula, eager", "explicit formula, compiled", "sdpa CUDNN_ATTENTION", "sdpa FLASH_ATTENTION",
-        "sdpa EFFICIENT_ATTENTION"]
+        "sdpa EFFICIENT_ATTENTION", "triton_attention.py"]
     assert all(row.endswith(" ms") or "not available" in row for row in rows)
 
 

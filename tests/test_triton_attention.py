@@ -1,0 +1,179 @@
+"""triton_attention.py: the kernels against the explicit formula in float64, their registration with
+torch.library (fake shapes, autograd, torch.compile), the model and main.py with --attention triton, and its
+refusals. Without a GPU the kernels run through Triton's interpreter (conftest sets TRITON_INTERPRET=1)."""
+import dataclasses
+import re
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_MODEL, relative_error, run_main, usage_error, write_fake_cifar
+
+triton_attention = pytest.importorskip("triton_attention", reason="needs Triton (PyTorch's CUDA builds on Linux)")
+import checkpoint  # noqa: E402
+import models  # noqa: E402
+from models import ViTConfig, VisionTransformer  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL = ViTConfig(layers=2, hidden=32, mlp_hidden=48, heads=2, attention="triton")  # head width 16
+
+
+def qkv_views(batch, heads, tokens, width, dtype):
+    """q, k, v as the model's fused projection gives them: strided views of one [N, T, 3 * heads * width] tensor."""
+    qkv = torch.randn(batch, tokens, 3 * heads * width, device=DEVICE, dtype=dtype, requires_grad=True)
+    return qkv, qkv.reshape(batch, tokens, 3, heads, width).permute(2, 0, 3, 1, 4)
+
+
+def forward_and_gradient(attend, qkv, q, k, v, upstream):
+    """The attention's output and the gradient it sends back to the qkv projection for the given upstream one,
+    which is handed over transposed (last dimension not contiguous), as a reshaping caller may."""
+    out = attend(q, k, v)
+    (grad_qkv,) = torch.autograd.grad(out, qkv, upstream.transpose(2, 3).contiguous().transpose(2, 3))
+    return out, grad_qkv
+
+
+@pytest.mark.parametrize("batch, heads, tokens, width", [(2, 4, 65, 32), (3, 2, 17, 16), (1, 1, 128, 64), (2, 1, 1, 16)],
+                         ids=["model-shape", "padded-to-32", "no-padding", "one-token"])
+def test_forward_and_gradients_equal_the_explicit_formula_in_float64(batch, heads, tokens, width):
+    torch.manual_seed(0)
+    qkv, (q, k, v) = qkv_views(batch, heads, tokens, width, torch.float32)
+    upstream = torch.randn(batch, heads, tokens, width, device=DEVICE)
+    out, grad = forward_and_gradient(triton_attention.attention, qkv, q, k, v, upstream)
+    qkv64 = qkv.detach().double().requires_grad_(True)
+    q64, k64, v64 = qkv64.reshape(batch, tokens, 3, heads, width).permute(2, 0, 3, 1, 4)
+    out64, grad64 = forward_and_gradient(lambda *qkv: models.self_attention(*qkv)[0], qkv64, q64, k64, v64,
+                                         upstream.double())
+    assert out.shape == out64.shape and out.dtype == torch.float32
+    assert relative_error(out, out64) < 1e-5  # fp32 products in full fp32 (not TF32): rounding only
+    assert relative_error(grad, grad64) < 1e-5
+
+
+def test_half_precision_inputs_stay_within_half_precision_rounding():
+    """16-bit inputs: the probabilities and score gradients are rounded to 16 bits before their products, as
+    fused kernels do. (fp16 stands in for bf16 here: Triton 3.8's interpreter mis-multiplies bf16; the CUDA
+    test checks bf16 on the GPU.)"""
+    torch.manual_seed(1)
+    qkv, (q, k, v) = qkv_views(2, 4, 65, 32, torch.float16)
+    upstream = torch.randn(2, 4, 65, 32, device=DEVICE, dtype=torch.float16)
+    out, grad = forward_and_gradient(triton_attention.attention, qkv, q, k, v, upstream)
+    qkv64 = qkv.detach().double().requires_grad_(True)
+    q64, k64, v64 = qkv64.reshape(2, 65, 3, 4, 32).permute(2, 0, 3, 1, 4)
+    out64, grad64 = forward_and_gradient(lambda *qkv: models.self_attention(*qkv)[0], qkv64, q64, k64, v64,
+                                         upstream.double())
+    assert out.dtype == grad.dtype == torch.float16
+    assert relative_error(out, out64) < 2e-3
+    assert relative_error(grad, grad64) < 5e-3
+
+
+def test_the_ops_fake_shapes_and_autograd_registration_pass_opcheck():
+    torch.manual_seed(2)
+    _, (q, k, v) = qkv_views(2, 2, 9, 16, torch.float32)
+    torch.library.opcheck(triton_attention._attention, (q, k, v))
+    q, k, v = (t.detach() for t in (q, k, v))  # the backward has no backward of its own (no double backward)
+    out, lse = triton_attention._attention(q, k, v)
+    torch.library.opcheck(triton_attention._attention_backward, (q, k, v, out, torch.randn_like(out), lse))
+
+
+def test_inputs_of_different_layouts_are_made_contiguous_first():
+    torch.manual_seed(5)
+    q = torch.randn(2, 3, 20, 16, device=DEVICE)
+    k = torch.randn(2, 20, 3, 16, device=DEVICE).transpose(1, 2)
+    v = torch.randn(3, 20, 2, 16, device=DEVICE).permute(2, 0, 1, 3)
+    assert relative_error(triton_attention.attention(q, k, v), models.self_attention(q, k, v)[0]) < 1e-5
+
+
+def test_too_many_tokens_or_an_unsupported_head_width_is_refused_by_name():
+    for tokens, width in [(129, 32), (65, 24), (65, 8)]:
+        q = torch.zeros(1, 1, tokens, width)
+        with pytest.raises(ValueError, match=f"got {tokens} tokens of width {width}: use the sdpa attention"):
+            triton_attention.attention(q, q, q)
+
+
+# ---------------------------------------------------------------------------------------------- the model
+
+def test_the_model_with_triton_attention_computes_what_the_explicit_formula_does():
+    torch.manual_seed(3)
+    triton_model = VisionTransformer(SMALL).to(DEVICE)
+    math_model = VisionTransformer(dataclasses.replace(SMALL, attention="math")).to(DEVICE)
+    math_model.load_state_dict(triton_model.state_dict())
+    images = torch.randn(4, 3, 32, 32, device=DEVICE)
+    labels = torch.tensor([0, 3, 7, 9], device=DEVICE)
+    results = []
+    for model in (triton_model, math_model):
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    (triton_loss, triton_grads), (math_loss, math_grads) = results
+    assert relative_error(triton_loss, math_loss) < 1e-5
+    assert relative_error(triton_grads, math_grads) < 1e-4
+
+
+def test_torch_compile_runs_the_kernels_as_a_custom_op_with_the_eager_results():
+    """torch.compile traces the op through its registered fake shapes (no Python inside it) and calls it."""
+    torch.manual_seed(4)
+    model = VisionTransformer(SMALL).to(DEVICE)
+    images = torch.randn(2, 3, 32, 32, device=DEVICE)
+    eager_logits = model(images)
+    eager_grads = torch.autograd.grad(eager_logits.square().sum(), list(model.parameters()))
+    compiled_logits = torch.compile(model, fullgraph=True)(images)
+    compiled_grads = torch.autograd.grad(compiled_logits.square().sum(), list(model.parameters()))
+    assert relative_error(compiled_logits, eager_logits) < 1e-5
+    assert relative_error(compiled_grads, eager_grads) < 1e-4
+
+
+@pytest.mark.parametrize("fields, problem", [
+    (dict(dropout=0.1), "has no attention dropout: use the sdpa or math attention with dropout"),
+    (dict(hidden=32, heads=4), "takes up to 128 tokens of head width 16, 32, 64, 128, not 65 tokens of width 8: use "
+                               "the sdpa attention"),
+    (dict(patch_size=2), "takes up to 128 tokens of head width 16, 32, 64, 128, not 257 tokens of width 16: use the "
+                         "sdpa attention"),
+])
+def test_a_model_the_kernels_cannot_compute_is_refused_by_the_config_and_by_main(fields, problem, capsys):
+    with pytest.raises(ValueError, match=re.escape(f"attention 'triton' {problem}")):
+        dataclasses.replace(SMALL, **fields)
+    flags = {"dropout": ["--dropout", "0.1"], "heads": ["--heads", "4"], "patch_size": ["--patch-size", "2"]}
+    argv = ["--hidden", "32", "--heads", "2", "--attention", "triton"]
+    argv += [token for name in fields if name in flags for token in flags[name]]
+    import main
+    with pytest.raises(SystemExit) as stop:
+        main.parse_args(argv)
+    assert stop.value.code == 2
+    usage_error(capsys.readouterr().err, f"--attention triton {problem}")
+
+
+def test_a_checkpoint_loads_with_the_default_attention_and_refuses_triton_for_a_model_with_dropout(tmp_path):
+    """The stored attention is how the training machine computed, not part of the model: a GPU run's triton
+    checkpoint loads anywhere; asking for triton with a model the kernels cannot compute is a CheckpointError."""
+    path = tmp_path / "model.pt"
+    torch.save({"model": VisionTransformer(SMALL).state_dict(), "model_config": dataclasses.asdict(SMALL)}, path)
+    model, _ = checkpoint.load_model(str(path))
+    assert model.config.attention == "sdpa" and model.config.layers == SMALL.layers
+    with_dropout = dataclasses.replace(SMALL, attention="sdpa", dropout=0.1)
+    torch.save({"model": VisionTransformer(with_dropout).state_dict(),
+                "model_config": dataclasses.asdict(with_dropout)}, path)
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=f"^{path}: attention 'triton' has no attention dropout: use the sdpa or math"):
+        checkpoint.load_model(str(path), attention="triton")
+
+
+# ---------------------------------------------------------------------------------------------- main.py
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is the CPU's")
+def test_main_refuses_triton_attention_on_the_cpu_before_reading_data(tmp_path):
+    result = run_main(["--device", "cpu", "--attention", "triton", "--data-dir", str(tmp_path / "absent"),
+                       "--out-dir", str(tmp_path / "run"), *TINY_MODEL[:4], "--heads", "2"],
+                      env={"TRITON_INTERPRET": "0"})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["error: --attention triton runs Triton's GPU kernels and needs a CUDA GPU: use --attention sdpa "
+                     "on the CPU (TRITON_INTERPRET=1 runs them there, slowly, as the tests do)"]
+    assert not (tmp_path / "absent").exists() and not (tmp_path / "run").exists()
+
+
+def test_main_trains_an_epoch_with_triton_attention_and_logs_it(tmp_path):
+    write_fake_cifar(str(tmp_path / "data"), train_per_batch=8, test=16)  # 5 batches of 8: 40 images
+    result = run_main(["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path / "run"), "--epochs", "1",
+                       "--warmup-epochs", "0", "--batch-size", "16", "--attention", "triton", "--no-compile",
+                       *TINY_MODEL[:4], "--heads", "2"], cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "attention: triton" in result.stdout
+    assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()

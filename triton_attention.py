@@ -1,0 +1,171 @@
+"""Attention for short sequences as two Triton kernels: `--attention triton` (needs a CUDA GPU).
+
+    from triton_attention import attention
+    out = attention(q, k, v)        # [N, heads, T, D] each; softmax(q k^T / sqrt(D)) v, differentiable
+
+The default model's sequence (65 tokens of width 32) is short enough that one GPU program can hold a
+whole (image, head) pair: q, k, v and the 65 x 65 scores fit in registers, so the forward is one pass
+with an exact softmax (no running maximum over blocks, as FlashAttention needs for long sequences) and
+the backward computes dq, dk and dv in one pass as well, from the log-sum-exp the forward saves.
+Tokens are padded to the next power of two (65 -> 128) inside the program; the padding is masked and
+never read or written in memory.
+
+Both kernels are registered with `torch.library.triton_op`, so `torch.compile` sees them as kernels
+(and can capture them in CUDA graphs) rather than as opaque Python. No attention dropout: the model
+refuses `attention="triton"` with dropout. Inputs may be strided views, as the fused qkv projection
+gives them (the last dimension contiguous); fp32 inputs are multiplied in full fp32, not TF32.
+
+`TRITON_INTERPRET=1` (set before Triton is imported) runs the same kernels on CPU tensors through
+Triton's interpreter, slowly: that is how the tests check them on machines without a GPU.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_TOKENS = 128  # the scores of one (image, head) pair are held in registers: BLOCK x BLOCK floats
+HEAD_WIDTHS = (16, 32, 64, 128)  # tl.dot needs power-of-two tiles of at least 16
+
+
+def supports(tokens: int, head_width: int) -> bool:
+    return tokens <= MAX_TOKENS and head_width in HEAD_WIDTHS
+
+
+@triton.jit
+def _tile(base, b, h, rows, cols, strides, valid):
+    """The [BLOCK, HEAD_WIDTH] tile of (image b, head h) of a tensor whose strides are (image, head, token)."""
+    offsets = b * strides[0] + h * strides[1] + rows[:, None] * strides[2] + cols[None, :]
+    return tl.load(base + offsets, mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def _store_tile(base, tile, b, h, rows, cols, strides, valid):
+    offsets = b * strides[0] + h * strides[1] + rows[:, None] * strides[2] + cols[None, :]
+    tl.store(base + offsets, tile.to(base.dtype.element_ty), mask=valid[:, None])
+
+
+@triton.jit
+def _scores(q, k, cols_valid, scale, PRECISION: tl.constexpr):
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+    return tl.where(cols_valid[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _forward_kernel(Q, K, V, OUT, LSE, qkv_strides, out_strides, heads, tokens, scale,
+                    BLOCK: tl.constexpr, HEAD_WIDTH: tl.constexpr, PRECISION: tl.constexpr):
+    pair = tl.program_id(0)
+    b, h = pair // heads, pair % heads
+    rows, cols = tl.arange(0, BLOCK), tl.arange(0, HEAD_WIDTH)
+    valid = rows < tokens
+    q = _tile(Q, b, h, rows, cols, qkv_strides, valid)
+    k = _tile(K, b, h, rows, cols, qkv_strides, valid)
+    v = _tile(V, b, h, rows, cols, qkv_strides, valid)
+    s = _scores(q, k, valid, scale, PRECISION)
+    row_max = tl.max(s, 1)
+    p = tl.exp(s - row_max[:, None])
+    row_sum = tl.sum(p, 1)
+    out = tl.dot((p / row_sum[:, None]).to(v.dtype), v, input_precision=PRECISION)
+    _store_tile(OUT, out, b, h, rows, cols, out_strides, valid)
+    tl.store(LSE + pair * tokens + rows, row_max + tl.log(row_sum), mask=valid)
+
+
+@triton.jit
+def _backward_kernel(Q, K, V, OUT, GRAD_OUT, LSE, GRAD_Q, GRAD_K, GRAD_V, qkv_strides, out_strides,
+                     grad_out_strides, heads, tokens, scale,
+                     BLOCK: tl.constexpr, HEAD_WIDTH: tl.constexpr, PRECISION: tl.constexpr):
+    pair = tl.program_id(0)
+    b, h = pair // heads, pair % heads
+    rows, cols = tl.arange(0, BLOCK), tl.arange(0, HEAD_WIDTH)
+    valid = rows < tokens
+    q = _tile(Q, b, h, rows, cols, qkv_strides, valid)
+    k = _tile(K, b, h, rows, cols, qkv_strides, valid)
+    v = _tile(V, b, h, rows, cols, qkv_strides, valid)
+    out = _tile(OUT, b, h, rows, cols, out_strides, valid)
+    grad_out = _tile(GRAD_OUT, b, h, rows, cols, grad_out_strides, valid)
+    lse = tl.load(LSE + pair * tokens + rows, mask=valid, other=0.0)
+    # padded rows: q and grad_out are zero there, so their p never reaches a gradient
+    p = tl.exp(_scores(q, k, valid, scale, PRECISION) - lse[:, None])
+    grad_v = tl.dot(tl.trans(p.to(grad_out.dtype)), grad_out, input_precision=PRECISION)
+    grad_p = tl.dot(grad_out, tl.trans(v), input_precision=PRECISION)
+    # softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(grad_out * out)
+    delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), 1)
+    grad_s = (p * (grad_p - delta[:, None]) * scale).to(q.dtype)
+    grad_q = tl.dot(grad_s, k, input_precision=PRECISION)
+    grad_k = tl.dot(tl.trans(grad_s), q, input_precision=PRECISION)
+    _store_tile(GRAD_Q, grad_q, b, h, rows, cols, out_strides, valid)
+    _store_tile(GRAD_K, grad_k, b, h, rows, cols, out_strides, valid)
+    _store_tile(GRAD_V, grad_v, b, h, rows, cols, out_strides, valid)
+
+
+def _launch_settings(q):
+    """Grid and compile-time constants shared by both kernels."""
+    batch, heads, tokens, width = q.shape
+    return ((batch * heads,), dict(BLOCK=max(16, triton.next_power_of_2(tokens)), HEAD_WIDTH=width,
+                                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32"))
+
+
+def _empty_like_out(q):
+    """[N, heads, T, D] laid out as [N, T, heads, D], so that the output projection reads it as it is."""
+    batch, heads, tokens, width = q.shape
+    return q.new_empty(batch, tokens, heads, width).transpose(1, 2)
+
+
+def _strides(tensor):
+    return tensor.stride()[:3]
+
+
+@torch.library.custom_op("vit::short_attention", mutates_args=())
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, heads, tokens, width = q.shape
+    out = _empty_like_out(q)
+    lse = q.new_empty(batch * heads * tokens, dtype=torch.float32)
+    grid, constants = _launch_settings(q)
+    _forward_kernel[grid](q, k, v, out, lse, _strides(q), _strides(out), heads, tokens, 1 / math.sqrt(width), **constants)
+    return out, lse
+
+
+@_attention.register_fake
+def _attention_shapes(q, k, v):
+    batch, heads, tokens, width = q.shape
+    return _empty_like_out(q), q.new_empty(batch * heads * tokens, dtype=torch.float32)
+
+
+@torch.library.custom_op("vit::short_attention_backward", mutates_args=())
+def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        grad_out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, heads, tokens, width = q.shape
+    grad_q, grad_k, grad_v = _empty_like_out(q), _empty_like_out(q), _empty_like_out(q)
+    grid, constants = _launch_settings(q)
+    _backward_kernel[grid](q, k, v, out, grad_out, lse, grad_q, grad_k, grad_v, _strides(q), _strides(out),
+                           _strides(grad_out), heads, tokens, 1 / math.sqrt(width), **constants)
+    return grad_q, grad_k, grad_v
+
+
+@_attention_backward.register_fake
+def _attention_backward_shapes(q, k, v, out, grad_out, lse):
+    return _empty_like_out(q), _empty_like_out(q), _empty_like_out(q)
+
+
+def _save_for_backward(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    return _attention_backward(q, k, v, out, grad_out, lse)
+
+
+_attention.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+def attention(q, k, v):
+    """softmax(q k^T / sqrt(D)) v for [N, heads, T, D] tensors of one dtype on one device, T <= 128."""
+    if not supports(q.shape[2], q.shape[3]):
+        raise ValueError(f"the Triton attention takes up to {MAX_TOKENS} tokens of head width {HEAD_WIDTHS}, "
+                         f"got {q.shape[2]} tokens of width {q.shape[3]}: use the sdpa attention")
+    if not (q.shape == k.shape == v.shape and q.stride() == k.stride() == v.stride() and q.stride(-1) == 1):
+        q, k, v = (t.contiguous() for t in (q, k, v))
+    return _attention(q, k, v)[0]
