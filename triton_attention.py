@@ -10,8 +10,9 @@ the backward computes dq, dk and dv in one pass as well, from the log-sum-exp th
 Tokens are padded to the next power of two (65 -> 128) inside the program; the padding is masked and
 never read or written in memory.
 
-Both kernels are registered with `torch.library.triton_op`, so `torch.compile` sees them as kernels
-(and can capture them in CUDA graphs) rather than as opaque Python. No attention dropout: the model
+Both are torch custom ops with their output shapes registered, so `torch.compile` traces the model
+around them without graph breaks and calls them as they are (CUDA graphs capture their launches like
+any other kernel's). No attention dropout: the model
 refuses `attention="triton"` with dropout. Inputs may be strided views, as the fused qkv projection
 gives them (the last dimension contiguous); fp32 inputs are multiplied in full fp32, not TF32.
 
@@ -72,7 +73,7 @@ def _forward_kernel(Q, K, V, OUT, LSE, qkv_strides, out_strides, heads, tokens, 
 
 @triton.jit
 def _backward_kernel(Q, K, V, OUT, GRAD_OUT, LSE, GRAD_Q, GRAD_K, GRAD_V, qkv_strides, out_strides,
-                     grad_out_strides, heads, tokens, scale,
+                     grad_out_strides, grad_strides, heads, tokens, scale,
                      BLOCK: tl.constexpr, HEAD_WIDTH: tl.constexpr, PRECISION: tl.constexpr):
     pair = tl.program_id(0)
     b, h = pair // heads, pair % heads
@@ -93,15 +94,17 @@ def _backward_kernel(Q, K, V, OUT, GRAD_OUT, LSE, GRAD_Q, GRAD_K, GRAD_V, qkv_st
     grad_s = (p * (grad_p - delta[:, None]) * scale).to(q.dtype)
     grad_q = tl.dot(grad_s, k, input_precision=PRECISION)
     grad_k = tl.dot(tl.trans(grad_s), q, input_precision=PRECISION)
-    _store_tile(GRAD_Q, grad_q, b, h, rows, cols, out_strides, valid)
-    _store_tile(GRAD_K, grad_k, b, h, rows, cols, out_strides, valid)
-    _store_tile(GRAD_V, grad_v, b, h, rows, cols, out_strides, valid)
+    _store_tile(GRAD_Q, grad_q, b, h, rows, cols, grad_strides, valid)
+    _store_tile(GRAD_K, grad_k, b, h, rows, cols, grad_strides, valid)
+    _store_tile(GRAD_V, grad_v, b, h, rows, cols, grad_strides, valid)
 
 
 def _launch_settings(q):
-    """Grid and compile-time constants shared by both kernels."""
+    """Grid, compile-time constants and warps, the same for both kernels."""
     batch, heads, tokens, width = q.shape
-    return ((batch * heads,), dict(BLOCK=max(16, triton.next_power_of_2(tokens)), HEAD_WIDTH=width,
+    block = max(16, triton.next_power_of_2(tokens))
+    # the backward holds three [block, block] fp32 tiles: at block 128, 8 warps keep them in registers
+    return ((batch * heads,), dict(BLOCK=block, HEAD_WIDTH=width, num_warps=max(4, block // 16),
                                    PRECISION="ieee" if q.dtype == torch.float32 else "tf32"))
 
 
@@ -115,13 +118,23 @@ def _strides(tensor):
     return tensor.stride()[:3]
 
 
+def _as_the_kernels_read(q, k, v, *others):
+    """The kernels step along the last dimension one element at a time, and read q, k and v with one set of
+    strides: the fused projection's views already are so, anything else is copied first."""
+    if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return (q, k, v, *(t if t.stride(-1) == 1 else t.contiguous() for t in others))
+
+
 @torch.library.custom_op("vit::short_attention", mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     batch, heads, tokens, width = q.shape
+    q, k, v = _as_the_kernels_read(q, k, v)
     out = _empty_like_out(q)
     lse = q.new_empty(batch * heads * tokens, dtype=torch.float32)
-    grid, constants = _launch_settings(q)
-    _forward_kernel[grid](q, k, v, out, lse, _strides(q), _strides(out), heads, tokens, 1 / math.sqrt(width), **constants)
+    grid, options = _launch_settings(q)
+    _forward_kernel[grid](q, k, v, out, lse, _strides(q), _strides(out), heads, tokens, 1 / math.sqrt(width),
+                          **options)
     return out, lse
 
 
@@ -135,10 +148,11 @@ def _attention_shapes(q, k, v):
 def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         grad_out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, heads, tokens, width = q.shape
+    q, k, v, out, grad_out = _as_the_kernels_read(q, k, v, out, grad_out)
     grad_q, grad_k, grad_v = _empty_like_out(q), _empty_like_out(q), _empty_like_out(q)
-    grid, constants = _launch_settings(q)
+    grid, options = _launch_settings(q)
     _backward_kernel[grid](q, k, v, out, grad_out, lse, grad_q, grad_k, grad_v, _strides(q), _strides(out),
-                           _strides(grad_out), heads, tokens, 1 / math.sqrt(width), **constants)
+                           _strides(grad_out), _strides(grad_q), heads, tokens, 1 / math.sqrt(width), **options)
     return grad_q, grad_k, grad_v
 
 
@@ -152,10 +166,7 @@ def _save_for_backward(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    if grad_out.stride(-1) != 1:
-        grad_out = grad_out.contiguous()
-    return _attention_backward(q, k, v, out, grad_out, lse)
+    return _attention_backward(*ctx.saved_tensors[:4], grad_out, ctx.saved_tensors[4])
 
 
 _attention.register_autograd(_backward, setup_context=_save_for_backward)
@@ -166,6 +177,6 @@ def attention(q, k, v):
     if not supports(q.shape[2], q.shape[3]):
         raise ValueError(f"the Triton attention takes up to {MAX_TOKENS} tokens of head width {HEAD_WIDTHS}, "
                          f"got {q.shape[2]} tokens of width {q.shape[3]}: use the sdpa attention")
-    if not (q.shape == k.shape == v.shape and q.stride() == k.stride() == v.stride() and q.stride(-1) == 1):
-        q, k, v = (t.contiguous() for t in (q, k, v))
+    if not q.shape == k.shape == v.shape:
+        raise ValueError(f"q, k and v must have one shape, got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
     return _attention(q, k, v)[0]

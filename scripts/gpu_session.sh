@@ -15,6 +15,8 @@
 #   autotune  bench.py's reference and default rows again, with Inductor's GEMM autotuning and coordinate-descent
 #             tuning of its other kernels (TORCHINDUCTOR_MAX_AUTOTUNE=1 TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1):
 #             whether tuned kernels shorten the step, and what they cost in compile time (bench-autotune.*)
+#   triton    --attention triton (triton_attention.py): its tests, the kernels timed alone against PyTorch's
+#             (scripts/attention_backends.py), and bench.py's default row against the same with --attention triton
 #   full      the 200-epoch default recipe (`python3 main.py`, no flags but the folders and FULL_FLAGS, e.g.
 #             FULL_FLAGS="--compile-mode reduce-overhead" should the tests show the default's graph broken)
 #   tests     the CUDA tests: tests/test_cuda.py and the CUDA cases of tests/test_augment.py (TESTS_K: another
@@ -36,7 +38,7 @@ export PYTHONUNBUFFERED=1
 mkdir -p "$out"
 
 pack() {  # the files the device tool returns: a few on their own, all of them in one archive
-    for f in machine.txt bench.json bench-autotune.log full_run.log metrics.csv results.png tests.log; do
+    for f in machine.txt bench.json bench-autotune.log triton.log full_run.log metrics.csv results.png tests.log; do
         [ -f "$work/$f" ] && cp "$work/$f" "$out/"
     done
     tar czf "$out/session.tar.gz" -C "$work" .
@@ -101,6 +103,15 @@ for stage in "$@"; do
             timeout "$(limit "${BENCH_SECONDS:-240}")" python3 bench.py --device cuda --data-dir "$data_dir" \
             --json "$work/bench-autotune.json" --steps 390 --warmup 20 --profile-steps 10 > "$work/bench-autotune.log" 2>&1
         echo "autotune bench: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/bench-autotune.log" ;;
+    triton)
+        timeout "$(limit "${TEST_SECONDS:-300}")" python3 -m pytest tests/test_triton_attention.py tests/test_cuda.py \
+            -k triton -q -rfE --durations=12 -p no:cacheprovider > "$work/triton.log" 2>&1
+        echo "triton tests: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/triton.log"
+        PYTHONPATH=. timeout "$(limit 120)" python3 scripts/attention_backends.py >> "$work/triton.log" 2>&1
+        timeout "$(limit "${BENCH_SECONDS:-240}")" python3 bench.py --device cuda --data-dir "$data_dir" \
+            --json "$work/bench-triton.json" --steps 390 --warmup 20 --profile-steps 10 \
+            --fast-flags "" --fast-flags "--attention triton" > "$work/bench-triton.log" 2>&1
+        echo "triton bench: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/triton.log" ;;
     full)
         timeout "$(limit "${FULL_RUN_SECONDS:-600}")" python3 main.py --data-dir "$data_dir" --out-dir /tmp/full \
             ${FULL_FLAGS:-} > "$work/full_run.log" 2>&1
