@@ -2,7 +2,10 @@
 torch.library (fake shapes, autograd, torch.compile), the model and main.py with --attention triton, and its
 refusals. Without a GPU the kernels run through Triton's interpreter (conftest sets TRITON_INTERPRET=1)."""
 import dataclasses
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -186,3 +189,24 @@ def test_main_trains_an_epoch_with_triton_attention_and_logs_it(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "attention: triton" in result.stdout
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- on the GPU's terms
+
+def test_the_kernels_compile_for_an_h100_without_spilling_registers_at_the_models_shape():
+    """Triton's real compiler and ptxas (shipped in its wheel) build both kernels for sm_90 here, no GPU needed:
+    at the default model's shape in bf16, with the warps _launch_settings picks, nothing spills to local memory
+    (with 4 warps the backward would spill 802 bytes)."""
+    import triton
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.isfile(ptxas):
+        pytest.skip("this Triton has no ptxas")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "triton_registers.py"), "--arch", "90"],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": ROOT, "TRITON_INTERPRET": "0"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("shape (128, 12, 65, 32) bf16, sm_90") and "'num_warps': 8" in lines[0]
+    assert [line.split(":")[0] for line in lines[1:]] == ["_forward_kernel", "_backward_kernel"]
+    for line in lines[1:]:
+        assert "0 bytes spill stores, 0 bytes spill loads" in line and "registers" in line, line

@@ -1,0 +1,73 @@
+"""Compiles triton_attention.py's kernels for a GPU architecture on this machine (no GPU needed) and prints
+what ptxas reports for each: registers per thread and bytes spilled to local memory.
+
+    PYTHONPATH=. python scripts/triton_registers.py [--arch 90] [--batch-size 128] [--dtype bf16]
+
+The shape is the default model's attention (batch x 12 heads x 65 tokens x 32), launched with the block
+and warp count `triton_attention` picks for it. A spill means the kernel's tiles do not fit in registers;
+the launch settings are chosen so that the model's shape spills nothing on an H100 (sm_90). Integer
+arguments are compiled unspecialised, a close approximation of what a launch compiles.
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import triton_attention
+
+SCALARS = {"heads": "i32", "tokens": "i32", "scale": "fp32", "LSE": "*fp32"}
+
+
+def signature(kernel, element: str, options: dict) -> dict:
+    """Triton's type for each argument: tensors of `element`, (image, head, token) stride triples, constants."""
+    types = {}
+    for name in kernel.arg_names:
+        if name in options:
+            types[name] = "constexpr"
+        elif name in SCALARS:
+            types[name] = SCALARS[name]
+        elif name.endswith("strides"):
+            types[name] = ("i32", "i32", "i32")
+        else:
+            types[name] = f"*{element}"
+    return types
+
+
+def ptxas_report(kernel, element: str, options: dict, arch: int) -> str:
+    constants = {name: value for name, value in options.items() if name != "num_warps"}
+    compiled = triton.compile(ASTSource(kernel, signature(kernel, element, constants), constants),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": options["num_warps"]})
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as f:
+            f.write(compiled.asm["ptx"])
+        suffix = "a" if arch >= 90 else ""
+        result = subprocess.run([ptxas, f"-arch=sm_{arch}{suffix}", "-v", source, "-o", os.devnull],
+                                capture_output=True, text=True, check=True)
+    return "; ".join(line.split("info    :")[-1].strip() for line in result.stderr.splitlines()
+                     if "registers" in line or "spill" in line)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90, help="compute capability x10: 80 (A100), 90 (H100)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
+    opts = p.parse_args(argv)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[opts.dtype]
+    q = torch.empty(opts.batch_size, 12, 65, 32, dtype=dtype, device="meta")
+    _, options = triton_attention._launch_settings(q)
+    print(f"shape {tuple(q.shape)} {opts.dtype}, sm_{opts.arch}, {options}")
+    for kernel in (triton_attention._forward_kernel, triton_attention._backward_kernel):
+        print(f"{kernel.__name__}: {ptxas_report(kernel, opts.dtype, options, opts.arch)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
