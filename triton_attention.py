@@ -12,9 +12,9 @@ never read or written in memory.
 
 Both are torch custom ops with their output shapes registered, so `torch.compile` traces the model
 around them without graph breaks and calls them as they are (CUDA graphs capture their launches like
-any other kernel's). No attention dropout: the model
-refuses `attention="triton"` with dropout. Inputs may be strided views, as the fused qkv projection
-gives them (the last dimension contiguous); fp32 inputs are multiplied in full fp32, not TF32.
+any other kernel's). No attention dropout: the model refuses `attention="triton"` with dropout.
+The kernels read q, k and v where the fused qkv projection left them (strided views; other layouts
+are copied first); fp32 inputs are multiplied in full fp32, not TF32.
 
 `TRITON_INTERPRET=1` (set before Triton is imported) runs the same kernels on CPU tensors through
 Triton's interpreter, slowly: that is how the tests check them on machines without a GPU.
@@ -34,16 +34,21 @@ def supports(tokens: int, head_width: int) -> bool:
 
 
 @triton.jit
+def _tile_pointers(base, b, h, rows, cols, strides):
+    """Where the [BLOCK, HEAD_WIDTH] tile of (image b, head h) lies in a tensor of strides (image, head, token).
+    The image's offset is taken in 64 bits: at the model's width it passes 2**31 from about 28,000 images."""
+    pair_start = base + b.to(tl.int64) * strides[0] + h * strides[1]
+    return pair_start + rows[:, None] * strides[2] + cols[None, :]
+
+
+@triton.jit
 def _tile(base, b, h, rows, cols, strides, valid):
-    """The [BLOCK, HEAD_WIDTH] tile of (image b, head h) of a tensor whose strides are (image, head, token)."""
-    offsets = b * strides[0] + h * strides[1] + rows[:, None] * strides[2] + cols[None, :]
-    return tl.load(base + offsets, mask=valid[:, None], other=0.0)
+    return tl.load(_tile_pointers(base, b, h, rows, cols, strides), mask=valid[:, None], other=0.0)
 
 
 @triton.jit
 def _store_tile(base, tile, b, h, rows, cols, strides, valid):
-    offsets = b * strides[0] + h * strides[1] + rows[:, None] * strides[2] + cols[None, :]
-    tl.store(base + offsets, tile.to(base.dtype.element_ty), mask=valid[:, None])
+    tl.store(_tile_pointers(base, b, h, rows, cols, strides), tile.to(base.dtype.element_ty), mask=valid[:, None])
 
 
 @triton.jit

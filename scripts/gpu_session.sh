@@ -2,12 +2,15 @@
 # Everything this project measures on a lent GPU, in stages that fit the device tool's calls
 # (10 minutes per call, 15 minutes per task, machine start included):
 #
-#   CALL_SECONDS=390 TEST_SECONDS=150 BENCH_SECONDS=160 TESTS_K="(whole_step and torchvision) or never_waits" \
-#       bash scripts/gpu_session.sh OUT_DIR tests bench autotune   # timeout_s 410
+#   CALL_SECONDS=390 TEST_SECONDS=120 BENCH_SECONDS=150 TESTS_K="adamw or runs_on_cuda_with_compile" \
+#       bash scripts/gpu_session.sh OUT_DIR tests triton   # timeout_s 410
 #   CALL_SECONDS=$((LEFT - 40)) bash scripts/gpu_session.sh OUT_DIR full   # at once after it, timeout_s LEFT - 10,
-#                                                        # LEFT: the device's budget_left_s (the full run: about 340 s)
-# (On an H100, 2026-11-27 afternoon: 4 CUDA-graph tests in 149 s, bench 91 s with three rows of 390 steps, autotune
-# stopped at its 111 s, full 341 s; the start and both calls held the machine 774 s of the task's 900.)
+#       # LEFT: the device's budget_left_s (the full run: about 340 s); FULL_FLAGS="--attention triton" if the
+#       # triton stage's bench row beat the default's
+# (On an H100, 2026-11-27 afternoon, the stages of the day: `tests bench autotune` with TESTS_K="(whole_step and
+# torchvision) or never_waits": 4 CUDA-graph tests in 149 s, bench 91 s with three rows of 390 steps, autotune
+# stopped at its 111 s; full 341 s; the start and both calls held the machine 774 s of the task's 900. The triton
+# stage has not run on a GPU yet.)
 #
 # Stages (any order, any subset; run from the repository root with .device/ carried, see README):
 #   bench     bench.py: reference, fast (defaults: the whole step, Adam included, as one CUDA graph), and fast
