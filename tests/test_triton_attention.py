@@ -196,7 +196,7 @@ def test_main_trains_an_epoch_with_triton_attention_and_logs_it(tmp_path):
 def test_the_kernels_compile_for_an_h100_without_spilling_registers_at_the_models_shape():
     """Triton's real compiler and ptxas (shipped in its wheel) build both kernels for sm_90 here, no GPU needed:
     at the default model's shape in bf16, with the warps _launch_settings picks, nothing spills to local memory
-    (with 4 warps the backward would spill 802 bytes)."""
+    (with 4 warps the backward would spill 1,016 bytes)."""
     import triton
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     if not os.path.isfile(ptxas):
