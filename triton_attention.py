@@ -11,8 +11,11 @@ Tokens are padded to the next power of two (65 -> 128) inside the program; the p
 never read or written in memory.
 
 Both are torch custom ops with their output shapes registered, so `torch.compile` traces the model
-around them without graph breaks and calls them as they are (CUDA graphs capture their launches like
-any other kernel's). No attention dropout: the model refuses `attention="triton"` with dropout.
+around them without graph breaks and calls them as they are (inside the whole-step CUDA graph their
+launches should be captured like any other kernel's: a CUDA test checks it, not yet run on a GPU).
+No attention dropout: the model refuses `attention="triton"` with dropout. Up to 128 tokens of head
+width 16, 32 or 64; only the default model's shape has been compiled for a GPU and checked for
+register spills (scripts/triton_registers.py).
 The kernels read q, k and v where the fused qkv projection left them (strided views; other layouts
 are copied first); fp32 inputs are multiplied in full fp32, not TF32.
 
@@ -26,7 +29,7 @@ import triton
 import triton.language as tl
 
 MAX_TOKENS = 128  # the scores of one (image, head) pair are held in registers: BLOCK x BLOCK floats
-HEAD_WIDTHS = (16, 32, 64, 128)  # tl.dot needs power-of-two tiles of at least 16
+HEAD_WIDTHS = (16, 32, 64)  # tl.dot needs power-of-two tiles of at least 16; at 128 the tiles spill (bf16)
 
 
 def supports(tokens: int, head_width: int) -> bool:
@@ -51,15 +54,16 @@ def _store_tile(base, tile, b, h, rows, cols, strides, valid):
     tl.store(_tile_pointers(base, b, h, rows, cols, strides), tile.to(base.dtype.element_ty), mask=valid[:, None])
 
 
+# input_precision="ieee": fp32 operands multiply in full fp32, not TF32; 16-bit ones compile the same either way
 @triton.jit
-def _scores(q, k, cols_valid, scale, PRECISION: tl.constexpr):
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+def _scores(q, k, cols_valid, scale):
+    s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
     return tl.where(cols_valid[None, :], s, float("-inf"))
 
 
 @triton.jit
 def _forward_kernel(Q, K, V, OUT, LSE, qkv_strides, out_strides, heads, tokens, scale,
-                    BLOCK: tl.constexpr, HEAD_WIDTH: tl.constexpr, PRECISION: tl.constexpr):
+                    BLOCK: tl.constexpr, HEAD_WIDTH: tl.constexpr):
     pair = tl.program_id(0)
     b, h = pair // heads, pair % heads
     rows, cols = tl.arange(0, BLOCK), tl.arange(0, HEAD_WIDTH)
@@ -67,19 +71,19 @@ def _forward_kernel(Q, K, V, OUT, LSE, qkv_strides, out_strides, heads, tokens, 
     q = _tile(Q, b, h, rows, cols, qkv_strides, valid)
     k = _tile(K, b, h, rows, cols, qkv_strides, valid)
     v = _tile(V, b, h, rows, cols, qkv_strides, valid)
-    s = _scores(q, k, valid, scale, PRECISION)
+    s = _scores(q, k, valid, scale)
     row_max = tl.max(s, 1)
     p = tl.exp(s - row_max[:, None])
     row_sum = tl.sum(p, 1)
-    out = tl.dot((p / row_sum[:, None]).to(v.dtype), v, input_precision=PRECISION)
+    out = tl.dot((p / row_sum[:, None]).to(v.dtype), v, input_precision="ieee")
     _store_tile(OUT, out, b, h, rows, cols, out_strides, valid)
-    tl.store(LSE + pair * tokens + rows, row_max + tl.log(row_sum), mask=valid)
+    tl.store(LSE + pair * tokens + rows, row_max + tl.log(row_sum), mask=valid)  # LSE: [N * heads * T], packed
 
 
 @triton.jit
 def _backward_kernel(Q, K, V, OUT, GRAD_OUT, LSE, GRAD_Q, GRAD_K, GRAD_V, qkv_strides, out_strides,
                      grad_out_strides, grad_strides, heads, tokens, scale,
-                     BLOCK: tl.constexpr, HEAD_WIDTH: tl.constexpr, PRECISION: tl.constexpr):
+                     BLOCK: tl.constexpr, HEAD_WIDTH: tl.constexpr):
     pair = tl.program_id(0)
     b, h = pair // heads, pair % heads
     rows, cols = tl.arange(0, BLOCK), tl.arange(0, HEAD_WIDTH)
@@ -91,14 +95,14 @@ def _backward_kernel(Q, K, V, OUT, GRAD_OUT, LSE, GRAD_Q, GRAD_K, GRAD_V, qkv_st
     grad_out = _tile(GRAD_OUT, b, h, rows, cols, grad_out_strides, valid)
     lse = tl.load(LSE + pair * tokens + rows, mask=valid, other=0.0)
     # padded rows: q and grad_out are zero there, so their p never reaches a gradient
-    p = tl.exp(_scores(q, k, valid, scale, PRECISION) - lse[:, None])
-    grad_v = tl.dot(tl.trans(p.to(grad_out.dtype)), grad_out, input_precision=PRECISION)
-    grad_p = tl.dot(grad_out, tl.trans(v), input_precision=PRECISION)
+    p = tl.exp(_scores(q, k, valid, scale) - lse[:, None])
+    grad_v = tl.dot(tl.trans(p.to(grad_out.dtype)), grad_out, input_precision="ieee")
+    grad_p = tl.dot(grad_out, tl.trans(v), input_precision="ieee")
     # softmax backward: dS = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(grad_out * out)
     delta = tl.sum(out.to(tl.float32) * grad_out.to(tl.float32), 1)
     grad_s = (p * (grad_p - delta[:, None]) * scale).to(q.dtype)
-    grad_q = tl.dot(grad_s, k, input_precision=PRECISION)
-    grad_k = tl.dot(tl.trans(grad_s), q, input_precision=PRECISION)
+    grad_q = tl.dot(grad_s, k, input_precision="ieee")
+    grad_k = tl.dot(tl.trans(grad_s), q, input_precision="ieee")
     _store_tile(GRAD_Q, grad_q, b, h, rows, cols, grad_strides, valid)
     _store_tile(GRAD_K, grad_k, b, h, rows, cols, grad_strides, valid)
     _store_tile(GRAD_V, grad_v, b, h, rows, cols, grad_strides, valid)
@@ -109,8 +113,7 @@ def _launch_settings(q):
     batch, heads, tokens, width = q.shape
     block = max(16, triton.next_power_of_2(tokens))
     # the backward holds three [block, block] fp32 tiles: at block 128, 8 warps keep them in registers
-    return ((batch * heads,), dict(BLOCK=block, HEAD_WIDTH=width, num_warps=max(4, block // 16),
-                                   PRECISION="ieee" if q.dtype == torch.float32 else "tf32"))
+    return (batch * heads,), dict(BLOCK=block, HEAD_WIDTH=width, num_warps=max(4, block // 16))
 
 
 def _empty_like_out(q):
@@ -123,7 +126,7 @@ def _strides(tensor):
     return tensor.stride()[:3]
 
 
-def _as_the_kernels_read(q, k, v, *others):
+def _kernel_layout(q, k, v, *others):
     """The kernels step along the last dimension one element at a time, and read q, k and v with one set of
     strides: the fused projection's views already are so, anything else is copied first."""
     if not (q.stride() == k.stride() == v.stride() and q.stride(-1) == 1):
@@ -134,7 +137,7 @@ def _as_the_kernels_read(q, k, v, *others):
 @torch.library.custom_op("vit::short_attention", mutates_args=())
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     batch, heads, tokens, width = q.shape
-    q, k, v = _as_the_kernels_read(q, k, v)
+    q, k, v = _kernel_layout(q, k, v)
     out = _empty_like_out(q)
     lse = q.new_empty(batch * heads * tokens, dtype=torch.float32)
     grid, options = _launch_settings(q)
@@ -153,7 +156,7 @@ def _attention_shapes(q, k, v):
 def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                         grad_out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, heads, tokens, width = q.shape
-    q, k, v, out, grad_out = _as_the_kernels_read(q, k, v, out, grad_out)
+    q, k, v, out, grad_out = _kernel_layout(q, k, v, out, grad_out)
     grad_q, grad_k, grad_v = _empty_like_out(q), _empty_like_out(q), _empty_like_out(q)
     grid, options = _launch_settings(q)
     _backward_kernel[grid](q, k, v, out, grad_out, lse, grad_q, grad_k, grad_v, _strides(q), _strides(out),
@@ -171,7 +174,8 @@ def _save_for_backward(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    return _attention_backward(*ctx.saved_tensors[:4], grad_out, ctx.saved_tensors[4])
+    q, k, v, out, lse = ctx.saved_tensors
+    return _attention_backward(q, k, v, out, grad_out, lse)
 
 
 _attention.register_autograd(_backward, setup_context=_save_for_backward)
@@ -182,6 +186,7 @@ def attention(q, k, v):
     if not supports(q.shape[2], q.shape[3]):
         raise ValueError(f"the Triton attention takes up to {MAX_TOKENS} tokens of head width {HEAD_WIDTHS}, "
                          f"got {q.shape[2]} tokens of width {q.shape[3]}: use the sdpa attention")
-    if not q.shape == k.shape == v.shape:
-        raise ValueError(f"q, k and v must have one shape, got {list(q.shape)}, {list(k.shape)}, {list(v.shape)}")
+    if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
+        raise ValueError("q, k and v must have one shape, dtype and device, got "
+                         + ", ".join(f"{list(t.shape)} {t.dtype} on {t.device}" for t in (q, k, v)))
     return _attention(q, k, v)[0]

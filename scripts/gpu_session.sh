@@ -108,7 +108,8 @@ for stage in "$@"; do
         echo "autotune bench: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/bench-autotune.log" ;;
     triton)
         timeout "$(limit "${TEST_SECONDS:-300}")" python3 -m pytest tests/test_triton_attention.py tests/test_cuda.py \
-            -k triton -q -rfE --durations=12 -p no:cacheprovider > "$work/triton.log" 2>&1
+            -k "triton or attention_backends" -q -rfE --durations=12 -p no:cacheprovider \
+            -o faulthandler_timeout="${TEST_HANG_SECONDS:-120}" > "$work/triton.log" 2>&1
         echo "triton tests: exit $?, $(( $(date +%s) - start )) s" | tee -a "$work/triton.log"
         PYTHONPATH=. timeout "$(limit 120)" python3 scripts/attention_backends.py >> "$work/triton.log" 2>&1
         timeout "$(limit "${BENCH_SECONDS:-240}")" python3 bench.py --device cuda --data-dir "$data_dir" \

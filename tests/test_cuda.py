@@ -24,23 +24,30 @@ def test_sdpa_matches_math_on_cuda_fp32_and_bf16():
         assert relative_error(fast, reference) < 2e-2  # bf16 operands: 8 mantissa bits
 
 
-def test_triton_attention_trains_like_sdpa_in_bf16():
-    """The model's loss and gradients in bf16 autocast through the Triton kernels and through sdpa (fp32 against
-    the explicit formula in float64: tests/test_triton_attention.py, which runs on the GPU here too)."""
+def test_triton_attention_in_bf16_errs_no_more_than_sdpa():
+    """The model's loss and gradients in bf16 autocast through the Triton kernels and through sdpa, each against
+    the explicit formula in fp32: the kernels' rounding may not exceed cuDNN's by half (fp32 against float64:
+    tests/test_triton_attention.py, which runs on the GPU here too)."""
     from models import ViTConfig, VisionTransformer
     torch.manual_seed(0)
-    sdpa_model = VisionTransformer(ViTConfig(attention="sdpa")).cuda()
-    triton_model = VisionTransformer(ViTConfig(attention="triton")).cuda()
-    triton_model.load_state_dict(sdpa_model.state_dict())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    models_by_path = {path: VisionTransformer(ViTConfig(attention=path)).cuda() for path in ("math", "sdpa", "triton")}
+    for model in models_by_path.values():
+        model.load_state_dict(models_by_path["math"].state_dict())
     images, labels = torch.randn(64, 3, 32, 32, device="cuda"), torch.randint(0, 10, (64,), device="cuda")
-    results = []
-    for model in (triton_model, sdpa_model):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+
+    def loss_and_gradients(path, dtype):
+        model = models_by_path[path]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
-        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
-    (triton_loss, triton_grads), (sdpa_loss, sdpa_grads) = results
-    assert relative_error(triton_loss, sdpa_loss) < 1e-2
-    assert relative_error(triton_grads, sdpa_grads) < 5e-2  # bf16 operands in both, rounded at different places
+        return [loss, *torch.autograd.grad(loss, list(model.parameters()))]
+
+    reference = loss_and_gradients("math", torch.float32)
+    errors = {path: [relative_error(a, b) for a, b in zip(loss_and_gradients(path, torch.bfloat16), reference)]
+              for path in ("sdpa", "triton")}
+    for name, triton_error, sdpa_error in zip(["loss", *dict(models_by_path["math"].named_parameters())],
+                                              errors["triton"], errors["sdpa"]):
+        assert triton_error <= 1.5 * sdpa_error + 1e-3, (name, triton_error, sdpa_error)
 
 
 def test_compiled_bf16_train_step_learns_a_fixed_batch():
