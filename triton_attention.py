@@ -54,6 +54,14 @@ def _store_tile(base, tile, b, h, rows, cols, strides, valid):
     tl.store(_tile_pointers(base, b, h, rows, cols, strides), tile.to(base.dtype.element_ty), mask=valid[:, None])
 
 
+@triton.jit
+def _this_programs_pair(heads, tokens, BLOCK: tl.constexpr, HEAD_WIDTH: tl.constexpr):
+    """This program's (image, head) pair: its index, image and head, its tiles' rows and columns, the real rows."""
+    pair = tl.program_id(0)
+    rows = tl.arange(0, BLOCK)
+    return pair, pair // heads, pair % heads, rows, tl.arange(0, HEAD_WIDTH), rows < tokens
+
+
 # input_precision="ieee": fp32 operands multiply in full fp32, not TF32; 16-bit ones compile the same either way
 @triton.jit
 def _scores(q, k, cols_valid, scale):
@@ -64,10 +72,7 @@ def _scores(q, k, cols_valid, scale):
 @triton.jit
 def _forward_kernel(Q, K, V, OUT, LSE, qkv_strides, out_strides, heads, tokens, scale,
                     BLOCK: tl.constexpr, HEAD_WIDTH: tl.constexpr):
-    pair = tl.program_id(0)
-    b, h = pair // heads, pair % heads
-    rows, cols = tl.arange(0, BLOCK), tl.arange(0, HEAD_WIDTH)
-    valid = rows < tokens
+    pair, b, h, rows, cols, valid = _this_programs_pair(heads, tokens, BLOCK, HEAD_WIDTH)
     q = _tile(Q, b, h, rows, cols, qkv_strides, valid)
     k = _tile(K, b, h, rows, cols, qkv_strides, valid)
     v = _tile(V, b, h, rows, cols, qkv_strides, valid)
@@ -84,10 +89,7 @@ def _forward_kernel(Q, K, V, OUT, LSE, qkv_strides, out_strides, heads, tokens, 
 def _backward_kernel(Q, K, V, OUT, GRAD_OUT, LSE, GRAD_Q, GRAD_K, GRAD_V, qkv_strides, out_strides,
                      grad_out_strides, grad_strides, heads, tokens, scale,
                      BLOCK: tl.constexpr, HEAD_WIDTH: tl.constexpr):
-    pair = tl.program_id(0)
-    b, h = pair // heads, pair % heads
-    rows, cols = tl.arange(0, BLOCK), tl.arange(0, HEAD_WIDTH)
-    valid = rows < tokens
+    pair, b, h, rows, cols, valid = _this_programs_pair(heads, tokens, BLOCK, HEAD_WIDTH)
     q = _tile(Q, b, h, rows, cols, qkv_strides, valid)
     k = _tile(K, b, h, rows, cols, qkv_strides, valid)
     v = _tile(V, b, h, rows, cols, qkv_strides, valid)
