@@ -76,7 +76,8 @@ def triton_attention_problem(tokens: int, head_width: int, dropout: float):
     try:
         import triton_attention
     except ImportError as error:
-        return f"needs the triton package, which comes with PyTorch's CUDA builds on Linux ({error}): use the sdpa attention"
+        return (f"needs the triton package, which comes with PyTorch's CUDA builds on Linux ({error}): use the sdpa "
+                f"attention")
     if dropout:
         return "has no attention dropout: use the sdpa or math attention with dropout"
     if not triton_attention.supports(tokens, head_width):

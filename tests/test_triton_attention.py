@@ -154,6 +154,15 @@ def test_a_model_the_kernels_cannot_compute_is_refused_by_the_config_and_by_main
     usage_error(capsys.readouterr().err, f"--attention triton {problem}")
 
 
+def test_without_triton_installed_the_path_is_refused_by_name(monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton_attention", None)  # `import triton_attention` now raises ImportError
+    problem = models.triton_attention_problem(65, 32, 0.0)
+    assert problem.startswith("needs the triton package, which comes with PyTorch's CUDA builds on Linux (")
+    assert problem.endswith("): use the sdpa attention")
+    with pytest.raises(ValueError, match="attention 'triton' needs the triton package"):
+        dataclasses.replace(SMALL, heads=1)
+
+
 def test_a_checkpoint_loads_with_the_default_attention_and_refuses_triton_for_a_model_with_dropout(tmp_path):
     """The stored attention is how the training machine computed, not part of the model: a GPU run's triton
     checkpoint loads anywhere; asking for triton with a model the kernels cannot compute is a CheckpointError."""
