@@ -105,7 +105,10 @@ def test_too_many_tokens_or_an_unsupported_head_width_is_refused_by_name():
 
 # ---------------------------------------------------------------------------------------------- the model
 
-def test_the_model_with_triton_attention_computes_what_the_explicit_formula_does():
+def test_the_model_with_triton_attention_computes_what_the_explicit_formula_does(monkeypatch):
+    calls = []
+    kernels = triton_attention._attention
+    monkeypatch.setattr(triton_attention, "_attention", lambda *qkv: calls.append(1) or kernels(*qkv))
     torch.manual_seed(3)
     triton_model = VisionTransformer(SMALL).to(DEVICE)
     math_model = VisionTransformer(dataclasses.replace(SMALL, attention="math")).to(DEVICE)
@@ -117,6 +120,7 @@ def test_the_model_with_triton_attention_computes_what_the_explicit_formula_does
         loss = torch.nn.functional.cross_entropy(model(images), labels)
         results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
     (triton_loss, triton_grads), (math_loss, math_grads) = results
+    assert len(calls) == SMALL.layers  # the model's forward ran through the kernels, once per layer
     assert relative_error(triton_loss, math_loss) < 1e-5
     assert relative_error(triton_grads, math_grads) < 1e-4
 
