@@ -80,11 +80,7 @@ def triton_attention_problem(tokens: int, head_width: int, dropout: float):
                 f"attention")
     if dropout:
         return "has no attention dropout: use the sdpa or math attention with dropout"
-    if not triton_attention.supports(tokens, head_width):
-        return (f"takes up to {triton_attention.MAX_TOKENS} tokens of head width "
-                f"{', '.join(map(str, triton_attention.HEAD_WIDTHS))}, not {tokens} tokens of width {head_width}: "
-                f"use the sdpa attention")
-    return None
+    return triton_attention.shape_problem(tokens, head_width)
 
 
 def self_attention(q, k, v, dropout: float = 0.0, training: bool = False):

@@ -32,8 +32,12 @@ MAX_TOKENS = 128  # the scores of one (image, head) pair are held in registers: 
 HEAD_WIDTHS = (16, 32, 64)  # tl.dot needs power-of-two tiles of at least 16; at 128 the tiles spill (bf16)
 
 
-def supports(tokens: int, head_width: int) -> bool:
-    return tokens <= MAX_TOKENS and head_width in HEAD_WIDTHS
+def shape_problem(tokens: int, head_width: int):
+    """Why the kernels cannot take this many tokens of this head width, or None."""
+    if tokens <= MAX_TOKENS and head_width in HEAD_WIDTHS:
+        return None
+    return (f"takes up to {MAX_TOKENS} tokens of head width {', '.join(map(str, HEAD_WIDTHS))}, not {tokens} tokens "
+            f"of width {head_width}: use the sdpa attention")
 
 
 @triton.jit
@@ -124,6 +128,16 @@ def _empty_like_out(q):
     return q.new_empty(batch, tokens, heads, width).transpose(1, 2)
 
 
+def _empty_outputs(q):
+    """The forward's output and the log-sum-exps it keeps for the backward ([N * heads * T], fp32)."""
+    batch, heads, tokens, _ = q.shape
+    return _empty_like_out(q), q.new_empty(batch * heads * tokens, dtype=torch.float32)
+
+
+def _empty_gradients(q):
+    return _empty_like_out(q), _empty_like_out(q), _empty_like_out(q)
+
+
 def _strides(tensor):
     return tensor.stride()[:3]
 
@@ -140,8 +154,7 @@ def _kernel_layout(q, k, v, *others):
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     batch, heads, tokens, width = q.shape
     q, k, v = _kernel_layout(q, k, v)
-    out = _empty_like_out(q)
-    lse = q.new_empty(batch * heads * tokens, dtype=torch.float32)
+    out, lse = _empty_outputs(q)
     grid, options = _launch_settings(q)
     _forward_kernel[grid](q, k, v, out, lse, _strides(q), _strides(out), heads, tokens, 1 / math.sqrt(width),
                           **options)
@@ -150,8 +163,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch
 
 @_attention.register_fake
 def _attention_shapes(q, k, v):
-    batch, heads, tokens, width = q.shape
-    return _empty_like_out(q), q.new_empty(batch * heads * tokens, dtype=torch.float32)
+    return _empty_outputs(q)
 
 
 @torch.library.custom_op("vit::short_attention_backward", mutates_args=())
@@ -159,7 +171,7 @@ def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
                         grad_out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, heads, tokens, width = q.shape
     q, k, v, out, grad_out = _kernel_layout(q, k, v, out, grad_out)
-    grad_q, grad_k, grad_v = _empty_like_out(q), _empty_like_out(q), _empty_like_out(q)
+    grad_q, grad_k, grad_v = _empty_gradients(q)
     grid, options = _launch_settings(q)
     _backward_kernel[grid](q, k, v, out, grad_out, lse, grad_q, grad_k, grad_v, _strides(q), _strides(out),
                            _strides(grad_out), _strides(grad_q), heads, tokens, 1 / math.sqrt(width), **options)
@@ -168,7 +180,7 @@ def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
 
 @_attention_backward.register_fake
 def _attention_backward_shapes(q, k, v, out, grad_out, lse):
-    return _empty_like_out(q), _empty_like_out(q), _empty_like_out(q)
+    return _empty_gradients(q)
 
 
 def _save_for_backward(ctx, inputs, output):
@@ -185,9 +197,9 @@ _attention.register_autograd(_backward, setup_context=_save_for_backward)
 
 def attention(q, k, v):
     """softmax(q k^T / sqrt(D)) v for [N, heads, T, D] tensors of one dtype on one device, T <= 128."""
-    if not supports(q.shape[2], q.shape[3]):
-        raise ValueError(f"the Triton attention takes up to {MAX_TOKENS} tokens of head width {HEAD_WIDTHS}, "
-                         f"got {q.shape[2]} tokens of width {q.shape[3]}: use the sdpa attention")
+    problem = shape_problem(q.shape[2], q.shape[3])
+    if problem:
+        raise ValueError(f"the Triton attention {problem}")
     if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype and q.device == k.device == v.device):
         raise ValueError("q, k and v must have one shape, dtype and device, got "
                          + ", ".join(f"{list(t.shape)} {t.dtype} on {t.device}" for t in (q, k, v)))

@@ -21,7 +21,7 @@ from triton.compiler import ASTSource
 
 import triton_attention
 
-SCALARS = {"heads": "i32", "tokens": "i32", "scale": "fp32", "LSE": "*fp32"}
+FIXED_TYPES = {"heads": "i32", "tokens": "i32", "scale": "fp32", "LSE": "*fp32"}  # whatever the tensors' dtype
 
 
 def signature(kernel, element: str, options: dict) -> dict:
@@ -30,8 +30,8 @@ def signature(kernel, element: str, options: dict) -> dict:
     for name in kernel.arg_names:
         if name in options:
             types[name] = "constexpr"
-        elif name in SCALARS:
-            types[name] = SCALARS[name]
+        elif name in FIXED_TYPES:
+            types[name] = FIXED_TYPES[name]
         elif name.endswith("strides"):
             types[name] = ("i32", "i32", "i32")
         else:
