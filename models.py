@@ -90,6 +90,18 @@ def self_attention(q, k, v, dropout: float = 0.0, training: bool = False):
     return F.dropout(weights, dropout, training) @ v, weights
 
 
+def split_heads(qkv, heads: int):
+    """The fused projection's [N, T, 3 * hidden] as q, k, v of [N, heads, T, hidden / heads] (views)."""
+    batch, tokens, width = qkv.shape
+    return qkv.reshape(batch, tokens, 3, heads, width // (3 * heads)).permute(2, 0, 3, 1, 4)
+
+
+def merge_heads(out):
+    """[N, heads, T, D] -> [N, T, heads * D]: each token's heads side by side, for the output projection."""
+    batch, heads, tokens, width = out.shape
+    return out.transpose(1, 2).reshape(batch, tokens, heads * width)
+
+
 class MultiHeadSelfAttention(nn.Module):
     def __init__(self, config: ViTConfig):
         super().__init__()
@@ -103,18 +115,18 @@ class MultiHeadSelfAttention(nn.Module):
             self.triton_attention = triton_attention.attention
 
     def forward(self, x, return_weights: bool = False):
-        batch, tokens, hidden = x.shape
-        # [N, T, 3*D] -> [3, N, heads, T, D/heads]
-        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x)
         weights = None
-        if self.attention == "math" or return_weights:
-            out, weights = self_attention(q, k, v, self.dropout, self.training)
-        elif self.attention == "triton":
-            out = self.triton_attention(q, k, v)
+        if self.attention == "triton" and not return_weights:
+            out = self.triton_attention(qkv, self.heads)  # reads qkv and writes out in these layouts
         else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        out = self.proj(out.transpose(1, 2).reshape(batch, tokens, hidden))
-        return F.dropout(out, self.dropout, self.training), weights
+            q, k, v = split_heads(qkv, self.heads)
+            if self.attention == "sdpa" and not return_weights:
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+            else:
+                out, weights = self_attention(q, k, v, self.dropout, self.training)
+            out = merge_heads(out)
+        return F.dropout(self.proj(out), self.dropout, self.training), weights
 
 
 class MLP(nn.Module):

@@ -5,9 +5,12 @@
 One layer's attention, forward and backward, on the default model's shape (batch x heads x
 65 tokens x head width, bf16), for each fused kernel PyTorch offers that takes the shape and for
 `models.self_attention` eager and compiled, and for this repository's Triton kernels (`--attention
-triton`); milliseconds per call, timed with CUDA events.
+triton`); milliseconds per call, timed with CUDA events. Each call goes, as in the model, from the
+fused projection's output [N, T, 3 * hidden] to the output projection's input [N, T, hidden]: the
+heads' split and merge, and the copies they cost each kernel, are part of its time.
 """
 import argparse
+import contextlib
 import sys
 
 import torch
@@ -42,27 +45,26 @@ def main(argv=None):
     if not torch.cuda.is_available():
         sys.exit("error: attention_backends.py times CUDA kernels and found no CUDA GPU; run it on a GPU machine")
     shape = attention_shape(opts.batch_size)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    grad = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    batch, heads, tokens, width = shape
+    qkv = torch.randn(batch, tokens, 3 * heads * width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(batch, tokens, heads * width, device="cuda", dtype=torch.bfloat16)
 
-    def explicit(q, k, v):
-        return models.self_attention(q, k, v)[0]
+    def per_head(attend):
+        return lambda qkv: models.merge_heads(attend(*models.split_heads(qkv, heads)))
 
     def forward_backward(attend, backend=None):
         def call():
-            if backend is None:
-                out = attend(q, k, v)
-            else:
-                with sdpa_kernel(backend):
-                    out = attend(q, k, v)
+            with sdpa_kernel(backend) if backend else contextlib.nullcontext():
+                out = attend(qkv)
             out.backward(grad)
         return call
 
+    explicit = per_head(lambda q, k, v: models.self_attention(q, k, v)[0])
     rows = {"explicit formula, eager": forward_backward(explicit),
             "explicit formula, compiled": forward_backward(torch.compile(explicit))}
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
-        rows[f"sdpa {backend.name}"] = forward_backward(F.scaled_dot_product_attention, backend)
-    rows["triton_attention.py"] = forward_backward(triton_attention.attention)
+        rows[f"sdpa {backend.name}"] = forward_backward(per_head(F.scaled_dot_product_attention), backend)
+    rows["triton_attention.py"] = forward_backward(lambda qkv: triton_attention.attention(qkv, heads))
     print(f"attention forward+backward, shape {shape} bf16, {torch.cuda.get_device_name()}")
     for name, call in rows.items():
         try:

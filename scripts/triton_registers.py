@@ -25,15 +25,13 @@ FIXED_TYPES = {"heads": "i32", "tokens": "i32", "scale": "fp32", "LSE": "*fp32"}
 
 
 def signature(kernel, element: str, options: dict) -> dict:
-    """Triton's type for each argument: tensors of `element`, (image, head, token) stride triples, constants."""
+    """Triton's type for each argument: tensors of `element`, the fixed types above, constants."""
     types = {}
     for name in kernel.arg_names:
         if name in options:
             types[name] = "constexpr"
         elif name in FIXED_TYPES:
             types[name] = FIXED_TYPES[name]
-        elif name.endswith("strides"):
-            types[name] = ("i32", "i32", "i32")
         else:
             types[name] = f"*{element}"
     return types
@@ -62,9 +60,10 @@ def main(argv=None):
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     opts = p.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[opts.dtype]
-    q = torch.empty(opts.batch_size, 12, 65, 32, dtype=dtype, device="meta")
-    _, options = triton_attention._launch_settings(q)
-    print(f"shape {tuple(q.shape)} {opts.dtype}, sm_{opts.arch}, {options}")
+    heads, tokens, width = 12, 65, 32
+    qkv = torch.empty(opts.batch_size, tokens, 3 * heads * width, dtype=dtype, device="meta")
+    _, options = triton_attention._launch_settings(qkv, heads)
+    print(f"shape {(opts.batch_size, heads, tokens, width)} {opts.dtype}, sm_{opts.arch}, {options}")
     for kernel in (triton_attention._forward_kernel, triton_attention._backward_kernel):
         print(f"{kernel.__name__}: {ptxas_report(kernel, opts.dtype, options, opts.arch)}")
 
