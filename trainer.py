@@ -593,7 +593,6 @@ class Trainer:
         # metrics.csv every epoch; results.png and the checkpoints at most every --write-interval seconds (and
         # after the first and last epochs): on a GPU an epoch can take a second, about what writing them takes.
         due = epoch == args.epochs or time.time() - self.last_write >= args.write_interval
-        self.write_outputs(metrics=True, plot=due)
         state = self.state(epoch, position=None, rng_by_rank=rng_by_rank)
         if improved:
             self.pending_best = None if due else copy.deepcopy(state)  # a snapshot: the live tensors keep training
@@ -603,6 +602,9 @@ class Trainer:
             self.save_pending_best()
             self.save(state, "last.pt")
             self.last_write = time.time()
+        # after the checkpoints: a disk that fills at a new run's first last.pt leaves no metrics.csv, which
+        # without a last.pt would make the folder refuse both the same command and --resume auto
+        self.write_outputs(metrics=True, plot=due)
         if args.save_every and epoch % args.save_every == 0:
             self.save(state, f"epoch_{epoch}.pt")
 

@@ -142,7 +142,7 @@ for stage in "$@"; do
     lossless)
         gather_lossless 2>&1 | tee -a "$work/lossless.log" ;;
     *)
-        echo "unknown stage $stage (bench, autotune, full, tests, torchrun, lossless)"; exit 2 ;;
+        echo "unknown stage $stage (bench, autotune, full, tests, torchrun, lossless, triton)"; exit 2 ;;
     esac
 done
 

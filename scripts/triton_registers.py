@@ -54,7 +54,7 @@ def ptxas_report(kernel, element: str, options: dict, arch: int) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--arch", type=int, default=90, help="compute capability x10: 80 (A100), 90 (H100)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")

@@ -688,15 +688,46 @@ def test_full_disk_at_checkpoint_save_keeps_the_previous_checkpoint(run_dir, fak
     assert [row["epoch"] for row in metric_rows(run_dir)] == ["1", "2"]
 
 
+def test_full_disk_at_a_new_runs_first_checkpoint_lets_the_same_command_run_again(tmp_path, fake_data, cli,
+                                                                                 monkeypatch):
+    """The checkpoints are written before metrics.csv: a disk that fills at a new run's first last.pt leaves no
+    metrics.csv without a checkpoint, which would make the folder refuse the same command and --resume auto."""
+    out_dir = str(tmp_path / "run")
+    real_save = checkpoint.save
+
+    def full_at_last(state, path):
+        if path.endswith("last.pt"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        real_save(state, path)
+    monkeypatch.setattr(checkpoint, "save", full_at_last)
+    status, out, err = cli(train_args(fake_data, out_dir))
+    assert status == 1
+    one_line_error(err, "could not write", "last.pt", "No space left on device")
+    assert not os.path.exists(os.path.join(out_dir, "metrics.csv"))
+    monkeypatch.setattr(checkpoint, "save", real_save)  # space freed: the same command starts over
+    status, out, err = cli(train_args(fake_data, out_dir))
+    assert status == 0, err
+    assert [row["epoch"] for row in metric_rows(out_dir)] == ["1"]
+    assert os.path.isfile(os.path.join(out_dir, "checkpoints", "last.pt"))
+
+
 def test_full_disk_at_metrics_write_is_a_clear_stop(run_dir, fake_data, cli, monkeypatch):
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), args[1] if len(args) > 1 else None)
-    monkeypatch.setattr(os, "replace", full)
+    real_replace = os.replace
+
+    def full_at_metrics(source, target):
+        if str(target).endswith("metrics.csv"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), target)
+        real_replace(source, target)
+    monkeypatch.setattr(os, "replace", full_at_metrics)
+    metrics = os.path.join(run_dir, "metrics.csv")
     before = snapshot(run_dir)
     status, out, err = cli(train_args(fake_data, run_dir, "--resume", "auto", epochs=2))
     assert status == 1
     one_line_error(err, "could not write", "metrics.csv", "No space left on device")
-    assert snapshot(run_dir) == before  # nothing replaced, no temp file left
+    assert snapshot(run_dir)["metrics.csv"] == before["metrics.csv"] and temp_files(run_dir) == []
+    state = checkpoint.load(os.path.join(run_dir, "checkpoints", "last.pt"))  # written first: epoch 2 is kept
+    assert state["epoch"] == 2 and [row["epoch"] for row in state["history"]] == [1, 2]
+    assert [row["epoch"] for row in metric_rows(run_dir)] == ["1"] and os.path.isfile(metrics)
 
 
 # ---------------------------------------------------------------------------------------------- hostile checkpoints
