@@ -118,7 +118,7 @@ class MultiHeadSelfAttention(nn.Module):
         qkv = self.qkv(x)
         weights = None
         if self.attention == "triton" and not return_weights:
-            out = self.triton_attention(qkv, self.heads)  # reads qkv and writes out in these layouts
+            out = self.triton_attention(qkv, self.heads)  # takes qkv and gives out as the projections lay them out
         else:
             q, k, v = split_heads(qkv, self.heads)
             if self.attention == "sdpa" and not return_weights:
