@@ -5,7 +5,7 @@
 One layer's attention, forward and backward, on the default model's shape (batch x heads x
 65 tokens x head width, bf16), for each fused kernel PyTorch offers that takes the shape and for
 `models.self_attention` eager and compiled, and for this repository's Triton kernels (`--attention
-triton`); milliseconds per call, timed with CUDA events. Each call goes, as in the model, from the
+triton`, on the warps they pick and on 8); milliseconds per call, timed with CUDA events. Each call goes, as in the model, from the
 fused projection's output [N, T, 3 * hidden] to the output projection's input [N, T, hidden]: the
 heads' split and merge, and the copies they cost each kernel, are part of its time.
 """
@@ -34,6 +34,22 @@ def time_ms(fn, steps=200, warmup=20):
     return start.elapsed_time(end) / steps
 
 
+@contextlib.contextmanager
+def launched_on_warps(warps: int):
+    """Our kernels launched on `warps` warps instead of the number triton_attention picks (4 at the model's shape:
+    two programs per SM; 8 hold the backward in fewer registers per thread but fit one)."""
+    picked = triton_attention._launch_settings
+
+    def on_warps(qkv, heads):
+        grid, options = picked(qkv, heads)
+        return grid, {**options, "num_warps": warps}
+    triton_attention._launch_settings = on_warps
+    try:
+        yield
+    finally:
+        triton_attention._launch_settings = picked
+
+
 def attention_shape(batch_size: int, config: models.ViTConfig = models.ViTConfig()):
     return batch_size, config.heads, config.num_patches + 1, config.hidden // config.heads
 
@@ -52,19 +68,22 @@ def main(argv=None):
     def per_head(attend):
         return lambda qkv: models.merge_heads(attend(*models.split_heads(qkv, heads)))
 
-    def forward_backward(attend, backend=None):
+    def forward_backward(attend, setting=contextlib.nullcontext):
         def call():
-            with sdpa_kernel(backend) if backend else contextlib.nullcontext():
-                out = attend(qkv)
-            out.backward(grad)
+            with setting():
+                attend(qkv).backward(grad)
         return call
 
     explicit = per_head(lambda q, k, v: models.self_attention(q, k, v)[0])
     rows = {"explicit formula, eager": forward_backward(explicit),
             "explicit formula, compiled": forward_backward(torch.compile(explicit))}
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
-        rows[f"sdpa {backend.name}"] = forward_backward(per_head(F.scaled_dot_product_attention), backend)
-    rows["triton_attention.py"] = forward_backward(lambda qkv: triton_attention.attention(qkv, heads))
+        rows[f"sdpa {backend.name}"] = forward_backward(per_head(F.scaled_dot_product_attention),
+                                                        lambda backend=backend: sdpa_kernel(backend))
+    def ours(qkv):
+        return triton_attention.attention(qkv, heads)
+    rows["triton_attention.py"] = forward_backward(ours)
+    rows["triton_attention.py, 8 warps"] = forward_backward(ours, lambda: launched_on_warps(8))
     print(f"attention forward+backward, shape {shape} bf16, {torch.cuda.get_device_name()}")
     for name, call in rows.items():
         try:

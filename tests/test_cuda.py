@@ -141,7 +141,7 @@ def test_attention_backends_script_times_every_row(capsys):
     rows = lines[1:]
     assert [row.split("  ")[0] for row in rows] == [
         "explicit formula, eager", "explicit formula, compiled", "sdpa CUDNN_ATTENTION", "sdpa FLASH_ATTENTION",
-        "sdpa EFFICIENT_ATTENTION", "triton_attention.py"]
+        "sdpa EFFICIENT_ATTENTION", "triton_attention.py", "triton_attention.py, 8 warps"]
     assert all(row.endswith(" ms") or "not available" in row for row in rows)
 
 
