@@ -10,9 +10,10 @@ no split into heads, no transposition and no gathering of dq, dk and dv into one
 copy around them.
 
 The default model's sequence (65 tokens of width 32) is short enough that one GPU program can hold a
-whole (image, head) pair: q, k, v and the 65 x 65 scores fit in registers, so the forward is one pass
-with an exact softmax (no running maximum over blocks, as FlashAttention needs for long sequences) and
-the backward computes dq, dk and dv in one pass as well, from the log-sum-exp the forward saves.
+whole (image, head) pair in registers: the 64 x 64 scores of the patch tokens and the class token's row
+and column. So the forward is one pass with an exact softmax (no running maximum over blocks, as
+FlashAttention needs for long sequences) and the backward computes dq, dk and dv in one pass as well,
+from the log-sum-exp the forward saves.
 The first token (the class token) is kept apart: the 64 patch tokens fill power-of-two tiles exactly
 (tl.dot's tiles are powers of two), and the first token's row and column of the scores are computed
 as dot products with its vectors. Padding all 65 to 128 would make the products four times larger.
@@ -75,10 +76,11 @@ def _store(start, first, body, rows, cols, row_width, valid):
 
 @triton.jit
 def _this_programs_pair(heads, tokens, BLOCK: tl.constexpr, HEAD_WIDTH: tl.constexpr):
-    """This program's (image, head) pair: its index, image and head, the body's rows and columns, its real rows."""
+    """This program's (image, head) pair: its index (64-bit: the log-sum-exps of N * heads * T passes 2**31 from
+    about 2.7 million images), image and head, the body's rows and columns, its real rows."""
     pair = tl.program_id(0)
     rows = tl.arange(0, BLOCK)
-    return pair, pair // heads, pair % heads, rows, tl.arange(0, HEAD_WIDTH), rows < tokens - 1
+    return pair.to(tl.int64), pair // heads, pair % heads, rows, tl.arange(0, HEAD_WIDTH), rows < tokens - 1
 
 
 @triton.jit
@@ -137,9 +139,8 @@ def _backward_kernel(QKV, OUT, GRAD_OUT, LSE, GRAD_QKV, heads, tokens, scale,
     out0, out = _load(_head_start(OUT, b, h, tokens, hidden, HEAD_WIDTH), rows, cols, hidden, valid)
     grad_out0, grad_out = _load(_head_start(GRAD_OUT, b, h, tokens, hidden, HEAD_WIDTH), rows, cols, hidden, valid)
     lse0 = tl.load(LSE + pair * tokens)
-    lse = tl.load(LSE + pair * tokens + 1 + rows, mask=valid, other=0.0)
-    # the probabilities again, from the log-sum-exps. Padded rows: q and grad_out are zero there, so their p
-    # never reaches a gradient; padded keys get p = 0.
+    lse = tl.load(LSE + pair * tokens + 1 + rows, mask=valid, other=float("inf"))
+    # the probabilities again, from the log-sum-exps; padded rows (lse = inf) and padded keys get p = 0
     p = tl.exp(tl.where(valid[None, :], _product(q, tl.trans(k)) * scale, float("-inf")) - lse[:, None])
     p_b0 = tl.exp(_row_dots(q, k0) * scale - lse)
     p_0b = tl.exp(tl.where(valid, _row_dots(k, q0) * scale, float("-inf")) - lse0)
@@ -163,14 +164,17 @@ def _backward_kernel(QKV, OUT, GRAD_OUT, LSE, GRAD_QKV, heads, tokens, scale,
     _store(start + hidden, grad_k0, grad_k, rows, cols, 3 * hidden, valid)
     _store(start + 2 * hidden, grad_v0, grad_v, rows, cols, 3 * hidden, valid)
 
+
 def _launch_settings(qkv, heads: int):
     """Grid, compile-time constants and warps for qkv [N, T, 3 * heads * D], the same for both kernels."""
     batch, tokens, width = qkv.shape
     block = max(16, triton.next_power_of_2(tokens - 1))  # the tokens after the first: 64 at the model's 65
     head_width = width // (3 * heads)
-    # the fewest warps whose registers hold the backward's tiles at 65 tokens (sm_90, bf16: 4 at head width 32,
-    # 8 at 64; 129 tokens spill a little at either width, more with 16 warps; scripts/triton_registers.py)
-    warps = 4 if block * head_width <= 64 * 32 else 8
+    # the fewest warps whose registers hold the backward's tiles (sm_90, bf16, scripts/triton_registers.py): 4 up
+    # to 64 x 32 (233 registers per thread at the model's 64 x 32, 400 bytes spilled on 2 warps; 56 spilled at
+    # 64 x 64); 8 above (none spilled at 64 x 64 or 128 x 16, 8 bytes at 128 x 32, 432 at 128 x 64; 16 warps spill
+    # more). Measured at 16, 32, 64 and 128 body tokens.
+    warps = 4 if block <= 64 and block * head_width <= 64 * 32 else 8
     return (batch * heads,), dict(BLOCK=block, HEAD_WIDTH=head_width, num_warps=warps)
 
 
@@ -213,6 +217,8 @@ def _attention_backward_shapes(qkv, out, grad_out, lse, heads):
 def _save_for_backward(ctx, inputs, output):
     qkv, ctx.heads = inputs
     ctx.save_for_backward(qkv, *output)
+    ctx.mark_non_differentiable(output[1])  # the log-sum-exps: kept for the backward, no gradient flows through them
+    ctx.set_materialize_grads(False)  # so no zero gradient is allocated for them
 
 
 def _backward(ctx, grad_out, grad_lse):

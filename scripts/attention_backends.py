@@ -5,9 +5,10 @@
 One layer's attention, forward and backward, on the default model's shape (batch x heads x
 65 tokens x head width, bf16), for each fused kernel PyTorch offers that takes the shape and for
 `models.self_attention` eager and compiled, and for this repository's Triton kernels (`--attention
-triton`, on the warps they pick and on 8); milliseconds per call, timed with CUDA events. Each call goes, as in the model, from the
-fused projection's output [N, T, 3 * hidden] to the output projection's input [N, T, hidden]: the
-heads' split and merge, and the copies they cost each kernel, are part of its time.
+triton`, on the warps they pick and on 8); milliseconds per call, timed with CUDA events. Each call
+goes, as in the model, from the fused projection's output [N, T, 3 * hidden] to the output
+projection's input [N, T, hidden] and back to the gradient of the former: the heads' split and merge,
+and the copies they cost each kernel, are part of its time.
 """
 import argparse
 import contextlib
@@ -71,7 +72,7 @@ def main(argv=None):
     def forward_backward(attend, setting=contextlib.nullcontext):
         def call():
             with setting():
-                attend(qkv).backward(grad)
+                torch.autograd.grad(attend(qkv), qkv, grad)  # returned, not accumulated into qkv.grad
         return call
 
     explicit = per_head(lambda q, k, v: models.self_attention(q, k, v)[0])
@@ -80,6 +81,7 @@ def main(argv=None):
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
         rows[f"sdpa {backend.name}"] = forward_backward(per_head(F.scaled_dot_product_attention),
                                                         lambda backend=backend: sdpa_kernel(backend))
+
     def ours(qkv):
         return triton_attention.attention(qkv, heads)
     rows["triton_attention.py"] = forward_backward(ours)

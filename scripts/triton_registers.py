@@ -1,12 +1,13 @@
 """Compiles triton_attention.py's kernels for a GPU architecture on this machine (no GPU needed) and prints
 what ptxas reports for each: registers per thread and bytes spilled to local memory.
 
-    PYTHONPATH=. python scripts/triton_registers.py [--arch 90] [--batch-size 128] [--dtype bf16]
+    PYTHONPATH=. python scripts/triton_registers.py [--arch 90] [--dtype bf16] [--tokens 65] [--head-width 32]
 
-The shape is the default model's attention (batch x 12 heads x 65 tokens x 32), launched with the block
-and warp count `triton_attention` picks for it. A spill means the kernel's tiles do not fit in registers;
-the launch settings are chosen so that the model's shape spills nothing on an H100 (sm_90). Integer
-arguments are compiled unspecialised, a close approximation of what a launch compiles.
+The shape defaults to the default model's attention (65 tokens of head width 32), compiled with the block
+and warp count `triton_attention` picks for it (the batch and the head count only change the grid). A spill means the kernel's tiles do not fit in registers;
+the launch settings are chosen so that the model's shape spills nothing on an H100 (sm_90). Pointers
+are compiled as 16-byte aligned and integer arguments unspecialised, as a launch at the model's shape
+compiles them (12 heads and 65 tokens are not multiples of 16).
 """
 import argparse
 import os
@@ -39,7 +40,10 @@ def signature(kernel, element: str, options: dict) -> dict:
 
 def ptxas_report(kernel, element: str, options: dict, arch: int) -> str:
     constants = {name: value for name, value in options.items() if name != "num_warps"}
-    compiled = triton.compile(ASTSource(kernel, signature(kernel, element, constants), constants),
+    types = signature(kernel, element, constants)
+    # a launch marks each pointer 16-byte aligned (as fresh PyTorch tensors are), so loads may be vectorised
+    aligned = {(i,): [["tt.divisibility", 16]] for i, kind in enumerate(types.values()) if kind.startswith("*")}
+    compiled = triton.compile(ASTSource(kernel, types, constants, aligned),
                               target=GPUTarget("cuda", arch, 32), options={"num_warps": options["num_warps"]})
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as folder:
@@ -56,14 +60,17 @@ def ptxas_report(kernel, element: str, options: dict, arch: int) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--arch", type=int, default=90, help="compute capability x10: 80 (A100), 90 (H100)")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--tokens", type=int, default=65, help="tokens per image, the class token included")
+    p.add_argument("--head-width", type=int, default=32)
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     opts = p.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[opts.dtype]
-    heads, tokens, width = 12, 65, 32
-    qkv = torch.empty(opts.batch_size, tokens, 3 * heads * width, dtype=dtype, device="meta")
-    _, options = triton_attention._launch_settings(qkv, heads)
-    print(f"shape {(opts.batch_size, heads, tokens, width)} {opts.dtype}, sm_{opts.arch}, {options}")
+    problem = triton_attention.shape_problem(opts.tokens, opts.head_width)
+    if problem:
+        p.error(f"the Triton attention {problem}")
+    qkv = torch.empty(1, opts.tokens, 3 * opts.head_width, dtype=dtype, device="meta")
+    _, options = triton_attention._launch_settings(qkv, heads=1)
+    print(f"{opts.tokens} tokens of head width {opts.head_width}, {opts.dtype}, sm_{opts.arch}, {options}")
     for kernel in (triton_attention._forward_kernel, triton_attention._backward_kernel):
         print(f"{kernel.__name__}: {ptxas_report(kernel, opts.dtype, options, opts.arch)}")
 
