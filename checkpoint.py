@@ -7,6 +7,7 @@ A checkpoint is a dict of tensors and plain Python values:
     classes          class names, in label order
     epoch            epochs completed
     optimizer, history, rng, best_acc, best_epoch   (training state, for --resume)
+    train_images     how many training images the run trained on (a resume compares it)
     scheduler        {"epoch": epochs completed, "position": None, or where an epoch that a signal
                      interrupted goes on: its epoch, step, running sums and seconds}; the learning
                      rate itself is a function of the step (trainer.learning_rate)

@@ -12,6 +12,7 @@
   epoch is augmented there in large batches with per-image randomness (augment.py).
 Both hand the trainer uint8 image batches; `normalize` turns them into model inputs on the device.
 """
+import contextlib
 import os
 import pickle
 import shutil
@@ -69,13 +70,15 @@ def load_cifar(name: str, data_dir: str, download: bool = True) -> Cifar:
 def _download(name: str, data_dir: str) -> None:
     """torchvision downloads and extracts into a private folder, renamed into place when complete: a data folder
     is never seen half-written. The ranks of a torchrun take turns on a lock file in data_dir, so the first
-    downloads and the others, started with it, find the folder there when their turn comes."""
+    downloads and the others, started with it, find the folder there when their turn comes. A data_dir this call
+    made is removed again if the download fails and nothing else was put there (a mistyped --data-dir)."""
     import torchvision
     dataset_class = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
     folder = os.path.join(data_dir, FOLDERS[name])
+    lock, made = os.path.join(data_dir, f".{name}-download.lock"), not os.path.isdir(data_dir)
     try:
         os.makedirs(data_dir, exist_ok=True)
-        with hold_lock(os.path.join(data_dir, f".{name}-download.lock")):
+        with hold_lock(lock):
             if os.path.isdir(folder):  # another rank's download
                 return
             staging = tempfile.mkdtemp(prefix=f".{name}-download-", dir=data_dir)
@@ -90,6 +93,11 @@ def _download(name: str, data_dir: str) -> None:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     except Exception as error:  # urllib/socket/SSL errors differ by platform; all mean "no data"
+        if made:
+            with contextlib.suppress(OSError):  # another rank's files, or its removal first: the folder stays
+                if os.listdir(data_dir) == [os.path.basename(lock)]:
+                    os.remove(lock)
+                os.rmdir(data_dir)
         raise DataError(f"could not download {name} into {data_dir} ({type(error).__name__}: {error}); "
                         f"when offline, download {_URLS[name]} elsewhere and extract it so that "
                         f"{folder} exists, or pass --data-dir DIR where DIR holds {FOLDERS[name]}/") from None

@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "triton_attention.py); auto: sdpa, except math on the CPU in bf16 (faster there)")
 
     system = p.add_argument_group("data and system")
-    system.add_argument("--dataset", choices=data.DATASETS, default="cifar10", help="which CIFAR")
+    system.add_argument("--dataset", choices=data.DATASETS,
+                        help="which CIFAR (default: cifar10; with --eval-only, the one the checkpoint's model "
+                             "classifies)")
     system.add_argument("--data-dir", default="./data", type=nonempty_path,
                         help="folder holding cifar-10-batches-py/ (or cifar-100-python/); downloaded there if absent")
     system.add_argument("--data-pipeline", choices=data.PIPELINES, default="device",
@@ -146,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.dataset is None and not args.eval_only:  # --eval-only's default is its checkpoint's: trainer
+        args.dataset = "cifar10"
     if not hasattr(args, "out_dir"):
         args.out_dir = checkpoint.run_folder(args.checkpoint) if args.eval_only and args.checkpoint else "."
     if not args.eval_only and args.warmup_epochs > args.epochs:
@@ -179,7 +183,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"{flag} {path} {problem}{hint}")
     if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
         parser.error(f"--data-dir {args.data_dir} is a file, not a folder: name the folder that holds (or will hold) "
-                     f"{data.FOLDERS[args.dataset]}/")
+                     f"{data.FOLDERS[args.dataset or 'cifar10']}/")
     if args.compare_curve:
         import plots  # matplotlib: only when asked for
         try:

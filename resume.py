@@ -19,10 +19,11 @@ import plots
 from cli import first_line
 from models import ViTConfig
 
-# Flags that choose how a run computes or reports, not what it trains. Every other flag (a new one too) sets the
-# run's trajectory, and a resume that changes it says so in the log; a different model shape is refused before
-# (check_model), and the init only acts on a new run's first weights.
-COMPUTE_AND_OUTPUT_FLAGS = ("eval_batch_size", "data_dir", "data_pipeline", "workers", "device", "precision",
+# Flags that choose how a run computes or reports, not what it trains. Every other flag (a new one too, and
+# --data-pipeline: the two pipelines draw their augmentations apart) sets the run's trajectory, and a resume that
+# changes it says so in the log; a different model shape is refused before (check_model), and the init only acts
+# on a new run's first weights. What --data-dir holds is compared by check_training_set.
+COMPUTE_AND_OUTPUT_FLAGS = ("eval_batch_size", "data_dir", "workers", "device", "precision",
                             "attention", "no_compile", "compile_mode", "init", "out_dir", "save_every",
                             "write_interval", "compare_curve", "resume", "eval_only", "checkpoint")
 
@@ -138,6 +139,21 @@ def check_recipe_flags(state: dict, path: str, args, stopped_mid_epoch: bool) ->
     if not changed:
         return []
     return [f"note: resuming with changed flags ({describe}); the run goes on with the new values"]
+
+
+def check_training_set(state: dict, path: str, train_images: int, data_dir: str) -> list:
+    """The log's note on a training set of another size than the one the checkpoint's run trained on (another
+    --data-dir), as a list of one line or none. Refuses it for a run stopped mid-epoch, whose remaining steps are
+    slices of that epoch's order of the checkpoint's images."""
+    then = state.get("train_images")  # absent from checkpoints written before it was saved: nothing to compare
+    if not isinstance(then, int) or then == train_images:
+        return []
+    if state["scheduler"]["position"] is not None:
+        raise checkpoint.CheckpointError(f"{path} stopped in the middle of an epoch of {then:,} training images, and "
+                                         f"--data-dir {data_dir} holds {train_images:,}: resume with the "
+                                         f"checkpoint's data or start a new --out-dir")
+    return [f"note: the checkpoint's run trained on {then:,} images and --data-dir {data_dir} holds "
+            f"{train_images:,}; the epochs and the learning-rate schedule follow the new count"]
 
 
 def restore(state: dict, path: str, model, optimizer, rank: int, world: int, device: torch.device) -> Restored:

@@ -447,6 +447,9 @@ class Trainer:
         self.classes = cifar.classes
         self.build(cifar.num_classes,
                    checkpoint.model_config_of(resume_state, self.resume_path) if resume_state else wanted)
+        self.train_images = len(cifar.train_images)
+        if resume_state:
+            start_notes += resume.check_training_set(resume_state, self.resume_path, self.train_images, args.data_dir)
         loader = self.make_train_loader(cifar)
         steps_per_epoch = loader.steps()
         total_steps = args.epochs * steps_per_epoch
@@ -700,7 +703,7 @@ class Trainer:
                 "scheduler": {"epoch": epoch, "position": position},
                 "model_config": dataclasses.asdict(self.model_config), "config": dict(vars(self.args)),
                 "classes": self.classes, "epoch": epoch, "history": self.history, "best_acc": self.best_acc,
-                "best_epoch": self.best_epoch, "rng": rng}
+                "best_epoch": self.best_epoch, "rng": rng, "train_images": self.train_images}
 
     def save(self, state, name):
         path = os.path.join(self.checkpoint_dir, name)
@@ -785,6 +788,8 @@ class Trainer:
         self.model, state = checkpoint.load_model(args.checkpoint, attention=self.attention)  # before the data
         config = self.model.config
         checkpoint.refuse_non_cifar_model(config, args.checkpoint)
+        if args.dataset is None:  # not given: the CIFAR whose classes the model predicts
+            args.dataset = next((name for name, n in data.NUM_CLASSES.items() if n == config.num_classes), "cifar10")
         if config.num_classes != data.NUM_CLASSES[args.dataset]:
             raise checkpoint.CheckpointError(f"{args.checkpoint} predicts {config.num_classes} classes but {args.dataset} "
                                              f"has {data.NUM_CLASSES[args.dataset]}: pass the --dataset it was trained on")

@@ -193,11 +193,12 @@ def test_a_failed_download_leaves_no_folder_to_read_next_time(tmp_path, monkeypa
     assert data.load_cifar("cifar10", data_dir).num_classes == 10  # the next run downloads again
 
 
-@pytest.mark.parametrize("dataset, folder, error", [
-    ("cifar10", "cifar-10-batches-py", urllib.error.URLError("[Errno -3] Temporary failure in name resolution")),
-    ("cifar100", "cifar-100-python", OSError(101, "Network is unreachable")),
+@pytest.mark.parametrize("dataset, folder, error, existed", [
+    ("cifar10", "cifar-10-batches-py", urllib.error.URLError("[Errno -3] Temporary failure in name resolution"), False),
+    ("cifar100", "cifar-100-python", OSError(101, "Network is unreachable"), True),
 ])
-def test_missing_folder_when_download_fails_gives_a_one_line_fix(tmp_path, monkeypatch, dataset, folder, error):
+def test_missing_folder_when_download_fails_gives_a_one_line_fix(tmp_path, monkeypatch, dataset, folder, error,
+                                                                 existed):
     calls = []
 
     def offline(root, train=True, download=False, **kwargs):
@@ -208,11 +209,16 @@ def test_missing_folder_when_download_fails_gives_a_one_line_fix(tmp_path, monke
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
     monkeypatch.setattr(torchvision.datasets, "CIFAR100", offline)
     data_dir = str(tmp_path / "nowhere")
+    if existed:
+        os.mkdir(data_dir)
     with pytest.raises(data.DataError) as info:
         data.load_cifar(dataset, data_dir)
     message = str(info.value)
     assert calls and os.path.dirname(calls[0][0]) == data_dir and calls[0][2] is True  # its private folder
-    assert os.listdir(data_dir) == [f".{dataset}-download.lock"]  # and nothing half-written left behind
+    if existed:  # nothing half-written left behind; the ranks' lock file stays
+        assert os.listdir(data_dir) == [f".{dataset}-download.lock"]
+    else:  # a folder the run made (a mistyped --data-dir, say) is not left behind
+        assert not os.path.exists(data_dir)
     assert "\n" not in message
     assert os.path.join(data_dir, folder) in message  # which folder is missing
     assert "--data-dir" in message and "offline" in message  # how to fix it

@@ -4,13 +4,14 @@ import csv
 import os
 import re
 import shutil
+import subprocess
 
 import pytest
 import torch
 
 import data
 import main
-from conftest import TINY_MODEL, assert_same_tensors, one_line_error, run_main, write_fake_cifar
+from conftest import ROOT, TINY_MODEL, assert_same_tensors, one_line_error, run_main, write_fake_cifar
 
 COMMON = [*TINY_MODEL, "--batch-size", "32", "--warmup-epochs", "1", "--device", "cpu"]
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_seconds",
@@ -359,3 +360,16 @@ def test_help_shows_every_flags_default():
         if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
             assert action.help, f"{action.option_strings[0]} has no help text, so --help hides its default"
     assert "training epochs (default: 200)" in text
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, ".git")) or shutil.which("git") is None,
+                    reason="needs the git checkout")
+def test_what_the_readmes_commands_write_into_the_repository_root_is_ignored_by_git():
+    """A run, an --eval-only report and predict.py --attention write into the current folder by default; a
+    `git add -A` there must not take them in. The sources stay tracked."""
+    written = ["run.log", "metrics.csv", "results.png", "attention.png", "confusion.png", "per_class.csv",
+               "attention-best.png", "confusion-last.png", "per_class-epoch_50.csv", "cat_attention.png",
+               "checkpoints/last.pt", "runs/smoke/metrics.csv", "data/cifar-10-batches-py/test_batch", "bench.json"]
+    result = subprocess.run(["git", "check-ignore", "--no-index", *written, "models.py", "README.md",
+                             "results/cpu-smoke-avx2/results.png"], cwd=ROOT, capture_output=True, text=True)
+    assert result.stdout.split() == written

@@ -157,6 +157,15 @@ def test_a_resume_names_changed_workers_where_they_change_the_augmentation(pipel
     assert ("--workers 1 in the checkpoint, 3 now" in " ".join(notes)) == named
 
 
+def test_a_resume_names_a_changed_data_pipeline():
+    """The two pipelines draw their augmentations apart: switching changes the run's course, so the log says so."""
+    args = main.parse_args(["--device", "cpu", "--data-pipeline", "torchvision"])
+    notes = resume.check_recipe_flags({"config": {**vars(args), "data_pipeline": "device"}}, "last.pt", args,
+                                      stopped_mid_epoch=True)
+    assert notes == ["note: resuming with changed flags (--data-pipeline device in the checkpoint, torchvision now); "
+                     "the run goes on with the new values"]
+
+
 def test_a_resume_compares_the_model_with_an_older_checkpoints_defaults():
     """A model field the checkpoint does not know had its default then: --no-mlp-final-gelu differs from it."""
     wanted = trainer.model_config_from_args(main.parse_args(["--no-mlp-final-gelu", *TINY_MODEL]), 10, "math")

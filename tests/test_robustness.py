@@ -11,12 +11,14 @@
 Most cases call main.main() in this process (fast); the signal tests run main.py as a subprocess.
 """
 import contextlib
+import dataclasses
 import errno
 import hashlib
 import io
 import os
 import pickle
 import queue
+import re
 import shlex
 import shutil
 import signal
@@ -568,6 +570,37 @@ def test_resume_mid_epoch_with_another_batch_size_or_seed_is_refused(run_dir, fa
                    "resume with the checkpoint's values or start a new --out-dir")
     assert out == ""  # no "resuming from" for a run that does not resume
     assert snapshot(run_dir) == before
+
+
+@pytest.fixture(scope="module")
+def fewer_images(tmp_path_factory):
+    """A data folder of 120 training images where the run trained on 200."""
+    folder = str(tmp_path_factory.mktemp("fewer"))
+    write_fake_cifar(folder, train_per_batch=24)
+    return folder
+
+
+def test_resume_mid_epoch_with_another_training_set_is_refused(run_dir, fewer_images, cli, no_training):
+    """Its remaining steps would be slices of another order: with fewer images a stop past the new epoch's end
+    would train nothing and still log the epoch."""
+    assert checkpoint.load(os.path.join(run_dir, "checkpoints", "last.pt"))["train_images"] == 200
+    stopped_mid_epoch(run_dir)
+    before = snapshot(run_dir)
+    status, out, err = cli(train_args(fewer_images, run_dir, "--resume", "auto", epochs=2))
+    assert status == 2
+    one_line_error(err, f"error: {run_dir}/checkpoints/last.pt stopped in the middle of an epoch of 200 training "
+                   f"images, and --data-dir {fewer_images} holds 120: resume with the checkpoint's data or start a "
+                   f"new --out-dir")
+    assert "resuming from" not in out
+    assert snapshot(run_dir) == before
+
+
+def test_resume_at_an_epochs_end_with_another_training_set_says_so_in_the_log(run_dir, fewer_images, cli):
+    status, out, err = cli(train_args(fewer_images, run_dir, "--resume", "auto", epochs=2))
+    assert status == 0, err
+    assert (f"note: the checkpoint's run trained on 200 images and --data-dir {fewer_images} holds 120; the epochs "
+            f"and the learning-rate schedule follow the new count") in out
+    assert checkpoint.load(os.path.join(run_dir, "checkpoints", "last.pt"))["train_images"] == 120
 
 
 def test_resume_with_a_changed_recipe_flag_says_so_in_the_log(run_dir, fake_data, cli):
@@ -1153,6 +1186,20 @@ def test_eval_only_refuses_before_reading_the_data(problem, run_dir, fake_data, 
         one_line_error(err, f"error: {best} predicts 10 classes but cifar100 has 100: pass the --dataset")
         assert not os.path.exists(tmp_path / "eval")
     assert status == 2
+
+
+def test_eval_only_without_dataset_evaluates_on_the_cifar_the_checkpoints_model_classifies(tmp_path, cli):
+    """A CIFAR-100 model needs no --dataset to be evaluated; training without it still means cifar10."""
+    data_dir = str(tmp_path / "data")
+    write_fake_cifar(data_dir, dataset="cifar100")
+    config = trainer.model_config_from_args(main.parse_args(TINY), 100, "math")
+    path = str(tmp_path / "c100.pt")
+    checkpoint.save({"model": VisionTransformer(config).state_dict(), "model_config": dataclasses.asdict(config),
+                     "config": {}}, path)
+    status, out, err = cli([*TINY, "--data-dir", data_dir, "--eval-only", "--checkpoint", path])
+    assert status == 0, err
+    assert re.search(r"acc \d+\.\d+% on 50 cifar100 test images", out), out
+    assert main.parse_args([]).dataset == "cifar10"
 
 
 @pytest.mark.parametrize("script, argv, argument", [
