@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weight-decay", type=non_negative_float, default=5e-5, help="see --optimizer")
     train.add_argument("--beta1", type=fraction, default=0.9, help="Adam's decay of the gradient average")
     train.add_argument("--beta2", type=fraction, default=0.999, help="Adam's decay of the squared-gradient average")
-    train.add_argument("--label-smoothing", type=fraction, default=0.1, help="as F.cross_entropy(label_smoothing=...)")
+    train.add_argument("--label-smoothing", type=fraction, default=0.1,
+                       help="as F.cross_entropy(label_smoothing=...); --eval-only takes its checkpoint's, so that the "
+                            "test loss is the run's")
     train.add_argument("--seed", type=seed, default=0,
                        help="model init, epoch order and augmentation all derive from it")
 
