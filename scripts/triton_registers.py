@@ -3,11 +3,12 @@ what ptxas reports for each: registers per thread and bytes spilled to local mem
 
     PYTHONPATH=. python scripts/triton_registers.py [--arch 90] [--dtype bf16] [--tokens 65] [--head-width 32]
 
-The shape defaults to the default model's attention (65 tokens of head width 32), compiled with the block
-and warp count `triton_attention` picks for it (the batch and the head count only change the grid). A spill means the kernel's tiles do not fit in registers;
-the launch settings are chosen so that the model's shape spills nothing on an H100 (sm_90). Pointers
-are compiled as 16-byte aligned and integer arguments unspecialised, as a launch at the model's shape
-compiles them (12 heads and 65 tokens are not multiples of 16).
+The shape defaults to the default model's attention (65 tokens of head width 32), compiled with the
+block and warp count `triton_attention` picks for it (the batch and the head count only change the
+grid). A spill means the kernel's tiles do not fit in registers; the launch settings are chosen so
+that the model's shape spills nothing on an H100 (sm_90). Pointers are compiled as 16-byte aligned
+and integer arguments unspecialised, as a launch at the model's shape compiles them (12 heads and 65
+tokens are not multiples of 16).
 """
 import argparse
 import os
